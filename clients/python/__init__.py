@@ -1,0 +1,1 @@
+"""Python clients for LiveLM (TCP, WebSocket, HTTP/SSE)."""

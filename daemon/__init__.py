@@ -1,0 +1,1 @@
+"""The LiveLM daemon: config, wiring, transports, engine, model and kernels."""

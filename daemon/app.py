@@ -1,0 +1,237 @@
+"""Wires the daemon together: logs, HTTP server, kernels, model, engine, signals, drain.
+
+Order: the HTTP server listens first (``/health`` answers at once, ``/ready`` is 503), the kernels
+are bound and the model loaded on a background thread, then the engine starts and ``/ready`` turns
+200 once the engine says it is ready. SIGTERM or SIGINT drains: new requests get 503, in-flight
+queries finish (up to ``drain_timeout``), the server closes, exit 0. A second signal exits at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import torch
+import uvloop
+from aiohttp import web
+
+from livelm.daemon.config import Config
+from livelm.daemon.engine.engine import Engine
+from livelm.daemon.http.server import attach_engine, build_app, start_draining
+from livelm.daemon.kernels.dispatcher import Binding, resolve_kernels
+from livelm.daemon.logs import ACCESS_LOGGER, AccessLogger, get_logger, setup_logging
+from livelm.daemon.model.loader import LoadedModel, load_model
+from livelm.protocol.errors import ConfigError, ModelLoadError
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2
+EXIT_MODEL = 3
+EXIT_FORCED = 130  # a second SIGINT/SIGTERM during the drain
+
+HANDLER_SHUTDOWN_SECONDS = 3.0  # after the engine stopped, the last handlers have this long
+ENGINE_STOP_GRACE = 10.0  # on top of drain_timeout, in case the engine's stop itself hangs
+
+
+class StartupError(Exception):
+    def __init__(self, exit_code: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def run(config: Config) -> int:
+    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    setup_logging(config.log_level, config.log_format)
+    log.info("starting livelm", extra={"config": config.redacted(), "pid": os.getpid()})
+    try:
+        device, dtype = config.torch_device(), config.torch_dtype()
+    except ConfigError as exc:
+        log.error("invalid configuration: %s", exc)
+        return EXIT_CONFIG
+    try:
+        return uvloop.run(_serve(config, device, dtype))
+    except StartupError as exc:
+        log.error("%s", exc, extra={"exit_code": exc.exit_code})
+        return exc.exit_code
+    except Exception:
+        log.exception("fatal error")
+        return EXIT_ERROR
+
+
+async def _serve(config: Config, device: torch.device, dtype: torch.dtype) -> int:
+    stop = asyncio.Event()
+    _install_signal_handlers(stop)
+    app = build_app(None, config)
+    runner = web.AppRunner(
+        app,
+        access_log_class=AccessLogger,
+        access_log=get_logger(ACCESS_LOGGER),
+        handler_cancellation=True,  # a vanished client cancels its query
+        shutdown_timeout=HANDLER_SHUTDOWN_SECONDS,
+    )
+    await runner.setup()
+    try:
+        site = await _listen(runner, config)
+        engine = await _start_engine(app, config, device, dtype, stop)
+        if engine is not None:
+            await stop.wait()
+        log.info("draining", extra={"drain_timeout": config.drain_timeout})
+        start_draining(app)
+        await site.stop()  # no new connections
+        if engine is not None:
+            await _stop_engine(engine, config.drain_timeout)
+    finally:
+        await runner.cleanup()
+    log.info("stopped")
+    return EXIT_OK
+
+
+async def _listen(runner: web.AppRunner, config: Config) -> web.TCPSite:
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise StartupError(
+            EXIT_CONFIG, f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}"
+        ) from exc
+    for host, port, *_ in runner.addresses:
+        log.info("listening on http://%s:%s", host, port, extra={"host": host, "port": port})
+    return site
+
+
+async def _start_engine(
+    app: web.Application,
+    config: Config,
+    device: torch.device,
+    dtype: torch.dtype,
+    stop: asyncio.Event,
+) -> Engine | None:
+    """Load off the loop thread and start the engine; ``None`` if a signal came first."""
+    loop = asyncio.get_running_loop()
+    loading = _in_thread(lambda: _load(config, device, dtype, loop), name="livelm-load")
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    stopping.cancel()
+    if not loading.done():
+        log.warning("stopped while the model was loading")
+        return None
+    loaded = _loaded(loading)
+    try:
+        loaded.engine.start()
+    except Exception as exc:
+        log.exception("the engine failed to start")
+        raise StartupError(EXIT_MODEL, f"the engine failed to start: {exc}") from exc
+    name = loaded.model.name
+    attach_engine(app, loaded.engine, model=name, kernels=loaded.binding.chosen())
+    log.info("engine started", extra={"model": name, "device": str(device)})
+    return loaded.engine
+
+
+@dataclass(frozen=True)
+class Loaded:
+    binding: Binding
+    model: LoadedModel
+    engine: Engine
+
+
+def _load(
+    config: Config, device: torch.device, dtype: torch.dtype, loop: asyncio.AbstractEventLoop
+) -> Loaded:
+    """Bind kernels, load the model, build the engine (its KV pool allocation is slow too)."""
+    binding = resolve_kernels(device, dtype)
+    _log_kernels(binding)
+    model = load_model(
+        config.model,
+        kernels=binding.kernels,
+        dtype=dtype,
+        device=device,
+        cache_dir=config.cache_path(),
+        progress=True,
+    )
+    log.info("model loaded", extra={"model": model.name, "dtype": str(dtype)})
+    return Loaded(binding, model, Engine(model, config, loop))
+
+
+def _loaded(loading: asyncio.Future[Loaded]) -> Loaded:
+    """The load's result, or a StartupError with the exit code that fits its failure."""
+    try:
+        return loading.result()
+    except ConfigError as exc:
+        raise StartupError(EXIT_CONFIG, f"invalid configuration: {exc}") from exc
+    except ModelLoadError as exc:
+        raise StartupError(EXIT_MODEL, f"cannot load model: {exc}") from exc
+    except Exception as exc:
+        log.exception("unexpected error while loading the model")
+        raise StartupError(EXIT_MODEL, f"cannot load model: {exc!r}") from exc
+
+
+def _log_kernels(binding: Binding) -> None:
+    log.info("kernels bound", extra={"kernels": binding.chosen()})
+    for d in binding.table:
+        level = logging.INFO if d.chosen else logging.DEBUG  # refusals only at debug
+        log.log(
+            level,
+            "kernel %s: %s %s (%s)",
+            d.operation,
+            d.candidate,
+            "chosen" if d.chosen else "refused",
+            d.reason,
+        )
+
+
+async def _stop_engine(engine: Engine, drain_timeout: float) -> None:
+    try:
+        await asyncio.wait_for(engine.stop(drain_timeout), drain_timeout + ENGINE_STOP_GRACE)
+    except asyncio.TimeoutError:
+        log.error("the engine did not stop within %.1fs; exiting anyway", drain_timeout)
+
+
+def _install_signal_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(EXIT_FORCED)
+        log.info("%s received, shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+
+
+def _in_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:
+    """Run ``fn`` on a daemon thread (a load still running never blocks the exit)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, exc: Exception | None) -> None:
+        if future.done():
+            return
+        if exc is None:
+            future.set_result(result)  # type: ignore[arg-type]
+        else:
+            future.set_exception(exc)
+
+    def work() -> None:
+        try:
+            result, error = fn(), None
+        except Exception as exc:
+            result, error = None, exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:
+            log.debug("the event loop closed before %s finished", name)
+
+    threading.Thread(target=work, name=name, daemon=True).start()
+    return future

@@ -1,0 +1,316 @@
+"""The daemon's one typed configuration, merged from CLI flags, environment, a YAML file and defaults.
+
+Precedence: command line > ``LIVELM_<FIELD>`` environment variables > YAML file > defaults.
+Every value is checked; a bad one raises ``ConfigError`` naming the field, the value, where it
+came from and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+import yaml
+
+from livelm.protocol.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
+
+ENV_PREFIX = "LIVELM_"
+MIB = 1 << 20
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    model: str = "demo"  # a Hugging Face folder, random:NAME, or demo
+    host: str = "127.0.0.1"
+    port: int = 8080  # HTTP and WebSocket; 0 = any free port
+    tcp_port: int = 8081  # framed MessagePack; 0 = any free port
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16
+    cache_dir: str = ""  # empty = $LIVELM_HOME or ~/.cache/livelm
+    log_level: str = "info"
+    log_format: str = "json"  # json | text
+    block_size: int = 16  # tokens per KV block
+    kv_cache_tokens: int = 0  # 0 = size the pool from kv_memory_fraction
+    kv_memory_fraction: float = 0.85
+    max_batch_tokens: int = 2048
+    max_sessions: int = 1024
+    max_context_tokens: int = 0  # 0 = the model's max positions
+    default_window: int = 0  # 0 = max context
+    window_low_water: float = 0.75
+    max_request_bytes: int = 16 * MIB
+    max_push_entries: int = 10000
+    max_entry_tokens: int = 8192
+    max_new_tokens: int = 4096
+    max_stop_sequences: int = 16
+    ring_words: int = 1 << 22
+    drain_timeout: float = 10.0  # seconds to finish in-flight queries on shutdown
+    api_keys: list[str] = []
+
+    def __post_init__(self) -> None:
+        values = msgspec.structs.asdict(self)
+        for name, value in values.items():
+            _check(name, value, "Config()")
+        _check_cross(values, {})
+
+    def torch_device(self) -> torch.device:
+        """The device to run on; ``cuda`` or ``cuda:N`` that this machine lacks is a ConfigError."""
+        import torch
+
+        if self.device == "cpu":
+            return torch.device("cpu")
+        if self.device == "auto":
+            return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+        index = int(self.device.partition(":")[2] or 0)
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device: {self.device!r} was asked for but CUDA is not available")
+        count = torch.cuda.device_count()
+        if index >= count:
+            raise ConfigError(
+                f"device: {self.device!r} is out of range; this machine has {count} CUDA "
+                f"device(s), cuda:0..cuda:{count - 1}"
+            )
+        return torch.device("cuda", index)
+
+    def torch_dtype(self) -> torch.dtype:
+        """The weights' dtype; ``auto`` is bfloat16 on CUDA (float16 where bf16 is missing)."""
+        import torch
+
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        if self.torch_device().type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def cache_path(self) -> Path:
+        """Where models and other downloads are kept."""
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        home = os.environ.get("LIVELM_HOME")
+        if home:
+            return Path(home).expanduser()
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = Path(xdg) if xdg else Path.home() / ".cache"
+        return base / "livelm"
+
+    def redacted(self) -> dict[str, Any]:
+        """The settings as a dict fit for logs: API keys are replaced by their count."""
+        values = msgspec.structs.asdict(self)
+        values["api_keys"] = f"<{len(self.api_keys)} key(s)>"
+        return values
+
+
+FIELDS = {f.name: f for f in msgspec.structs.fields(Config)}
+FIELD_NAMES = tuple(FIELDS)
+
+
+def load_config(
+    argv_overrides: Mapping[str, Any], yaml_path: str | None, environ: Mapping[str, str]
+) -> Config:
+    """Merge the sources (CLI > env > YAML > defaults), parse and check every value."""
+    layers = [
+        _yaml_layer(yaml_path) if yaml_path else {},
+        _env_layer(environ),
+        _cli_layer(argv_overrides),
+    ]
+    values = msgspec.structs.asdict(Config())
+    sources = dict.fromkeys(values, "default")
+    for layer in layers:
+        for name, (raw, source, is_text) in layer.items():
+            values[name] = _coerce(name, raw, source, is_text)
+            sources[name] = source
+    if sources["cache_dir"] == "default" and environ.get("LIVELM_HOME"):
+        values["cache_dir"] = environ["LIVELM_HOME"]
+    for name, value in values.items():
+        _check(name, value, sources[name])
+    _check_cross(values, sources)
+    return Config(**values)
+
+
+# --- sources: each gives {field: (raw value, where it came from, is it text to parse)} -------
+
+Layer = dict[str, tuple[Any, str, bool]]
+
+
+def _yaml_layer(path: str) -> Layer:
+    file = Path(path).expanduser()
+    if not file.is_file():
+        raise ConfigError(f"config file {path!r} does not exist or is not a file")
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
+    if data is None:  # an empty (or all-comments) file
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"config file {path!r} must be a mapping of setting: value, got {type(data).__name__}"
+        )
+    layer: Layer = {}
+    for key, value in data.items():
+        name = str(key).replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown key {key!r} in config file {path!r}; {_suggest(name)}")
+        layer[name] = (value, f"config file {path}", False)
+    return layer
+
+
+def _env_layer(environ: Mapping[str, str]) -> Layer:
+    layer: Layer = {}
+    for name in FIELD_NAMES:
+        var = ENV_PREFIX + name.upper()
+        if var in environ:
+            layer[name] = (environ[var], f"environment variable {var}", True)
+    return layer
+
+
+def _cli_layer(overrides: Mapping[str, Any]) -> Layer:
+    layer: Layer = {}
+    for key, value in overrides.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise ConfigError(f"unknown setting {key!r}; {_suggest(name)}")
+        if value is not None:  # None = flag not given
+            layer[name] = (value, f"--{name.replace('_', '-')}", True)
+    return layer
+
+
+def _suggest(name: str) -> str:
+    close = difflib.get_close_matches(name, FIELD_NAMES, n=1, cutoff=0.6)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return "known settings: " + ", ".join(FIELD_NAMES)
+
+
+# --- types -----------------------------------------------------------------------------------
+
+_TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string"}
+
+
+def _coerce(name: str, raw: Any, source: str, is_text: bool) -> Any:
+    """Turn a raw value into the field's type; text (env, CLI) is parsed, YAML must be typed."""
+    kind = FIELDS[name].type
+    parse = is_text and isinstance(raw, str)
+    if kind is str:
+        if isinstance(raw, str):
+            return raw.strip().lower() if name in _LOWERED else raw
+    elif kind is int or kind is float:
+        value = _parse_number(kind, raw) if parse else raw
+        if _is_number_of(kind, value):
+            return float(value) if kind is float else value
+    else:  # list[str]
+        value = _parse_list(raw) if parse else raw
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return value
+    expected = _TYPE_WORDS.get(kind, "a list of strings (comma-separated in env and CLI)")
+    raise ConfigError(f"{name}: expected {expected}, got {_shown(name, raw)} (from {source})")
+
+
+def _shown(name: str, value: Any) -> str:
+    """The value for an error message; secrets are not echoed."""
+    return f"a {type(value).__name__} (value hidden)" if name == "api_keys" else repr(value)
+
+
+def _parse_number(kind: type, text: str) -> Any:
+    try:
+        return kind(text.strip())
+    except ValueError:
+        return text  # rejected by the caller with the type's name
+
+
+def _is_number_of(kind: type, value: Any) -> bool:
+    if isinstance(value, bool):  # YAML's yes/no must not pass as 1/0
+        return False
+    if kind is int:
+        return isinstance(value, int)
+    return isinstance(value, int | float) and math.isfinite(value)
+
+
+def _parse_list(text: str) -> list[str]:
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+# --- rules -----------------------------------------------------------------------------------
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
+_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def _power_of_two(v: int) -> bool:
+    return v > 0 and v & (v - 1) == 0
+
+
+# field -> (is the value allowed?, what is allowed)
+_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model": (lambda v: bool(v.strip()), "a model folder, random:NAME or demo"),
+    "host": (lambda v: bool(v.strip()), "a host name or IP address"),
+    "port": (lambda v: 0 <= v <= 65535, "a port number 0..65535 (0 = any free port)"),
+    "tcp_port": (lambda v: 0 <= v <= 65535, "a port number 0..65535 (0 = any free port)"),
+    "device": (lambda v: bool(_DEVICE.fullmatch(v)), "one of auto, cpu, cuda, cuda:N"),
+    "dtype": (
+        lambda v: v in ("auto", "float32", "bfloat16", "float16"),
+        "one of auto, float32, bfloat16, float16",
+    ),
+    "cache_dir": (lambda v: True, "a folder path"),
+    "log_level": (lambda v: v in _LEVELS, "one of " + ", ".join(_LEVELS)),
+    "log_format": (lambda v: v in ("json", "text"), "one of json, text"),
+    "block_size": (lambda v: _power_of_two(v) and v <= 256, "a power of two from 1 to 256"),
+    "kv_cache_tokens": (lambda v: v >= 0, "a token count >= 0 (0 = auto)"),
+    "kv_memory_fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "max_batch_tokens": (lambda v: v > 0, "a positive integer"),
+    "max_sessions": (lambda v: v > 0, "a positive integer"),
+    "max_context_tokens": (lambda v: v >= 0, "a token count >= 0 (0 = the model's maximum)"),
+    "default_window": (lambda v: v >= 0, "a token count >= 0 (0 = max context)"),
+    "window_low_water": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
+    "max_request_bytes": (lambda v: v > 0, "a positive number of bytes"),
+    "max_push_entries": (lambda v: v > 0, "a positive integer"),
+    "max_entry_tokens": (lambda v: v > 0, "a positive integer"),
+    "max_new_tokens": (lambda v: v > 0, "a positive integer"),
+    "max_stop_sequences": (lambda v: v > 0, "a positive integer"),
+    "ring_words": (lambda v: _power_of_two(v) and v >= 1024, "a power of two >= 1024"),
+    "drain_timeout": (lambda v: v >= 0, "a number of seconds >= 0"),
+    "api_keys": (lambda v: all(k.strip() for k in v), "a list of non-empty keys"),
+}
+
+# settings compared case-insensitively (``INFO``, ``CUDA:1``)
+_LOWERED = ("device", "dtype", "log_level", "log_format")
+
+
+def _check(name: str, value: Any, source: str) -> None:
+    kind = FIELDS[name].type
+    kind = kind if kind in _TYPE_WORDS else list
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        expected = _TYPE_WORDS.get(kind, "a list")
+        raise ConfigError(f"{name}: expected {expected}, got {_shown(name, value)} (from {source})")
+    rule, allowed = _RULES[name]
+    if not rule(value):
+        raise ConfigError(f"{name}: must be {allowed}, got {_shown(name, value)} (from {source})")
+
+
+def _check_cross(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
+    """Rules between settings; ``values`` holds every field."""
+
+    def where(name: str) -> str:
+        return sources.get(name, "Config()")
+
+    port, tcp_port = values["port"], values["tcp_port"]
+    if port and port == tcp_port:
+        raise ConfigError(
+            f"port and tcp_port must differ, both are {port} "
+            f"(from {where('port')} and {where('tcp_port')})"
+        )
+    limit, window = values["max_context_tokens"], values["default_window"]
+    if limit and window > limit:
+        raise ConfigError(
+            f"default_window: must be <= max_context_tokens ({limit}), "
+            f"got {window} (from {where('default_window')})"
+        )

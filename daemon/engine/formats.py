@@ -1,0 +1,98 @@
+"""Renders pushed entries to text, one line each, deterministically per the session's format.
+
+A string entry is taken as text in every format. Objects are rendered by the format:
+``json`` as compact JSON with sorted keys, ``ohlcv`` as one market-data line with fields in a
+fixed order, ``kv`` as ``key=value`` pairs in the order given.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import msgspec
+
+from livelm.protocol.errors import InvalidRequest
+
+_json = msgspec.json.Encoder(order="sorted")
+
+# canonical field -> accepted spellings, in rendering order
+_OHLCV_FIELDS: dict[str, tuple[str, ...]] = {
+    "t": ("t", "ts", "time", "timestamp", "date"),
+    "o": ("o", "open"),
+    "h": ("h", "high"),
+    "l": ("l", "low"),
+    "c": ("c", "close"),
+    "v": ("v", "volume", "vol"),
+}
+_SYMBOL_KEYS = ("s", "symbol", "sym", "ticker")
+
+
+def render_entry(entry: Any, fmt: str, index: int) -> str:
+    if isinstance(entry, str):
+        return _line(entry)
+    if fmt == "text":
+        raise InvalidRequest(f"data[{index}]: format 'text' takes strings, got {_kind(entry)}")
+    if fmt == "json":
+        return _line(_json.encode(entry).decode())
+    if fmt == "ohlcv":
+        return _line(_render_ohlcv(entry, index))
+    if fmt == "kv":
+        return _line(_render_kv(entry, index))
+    raise InvalidRequest(f"unknown format {fmt!r}")
+
+
+def _line(text: str) -> str:
+    return text if text.endswith("\n") else text + "\n"
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__ if value is not None else "null"
+
+
+def _number(value: Any, where: str) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{where}: expected a number, got {_kind(value)}")
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidRequest(f"{where}: expected a finite number")
+        return format(value, ".10g")
+    return str(value)
+
+
+def _render_ohlcv(entry: Any, index: int) -> str:
+    where = f"data[{index}]"
+    if isinstance(entry, list):
+        if len(entry) != 6:
+            raise InvalidRequest(f"{where}: an ohlcv list has 6 values [t, o, h, l, c, v]")
+        values = dict(zip(_OHLCV_FIELDS, entry, strict=True))
+        symbol = None
+    elif isinstance(entry, dict):
+        values = {f: _pick(entry, names, f"{where}.{f}") for f, names in _OHLCV_FIELDS.items()}
+        symbol = next((entry[k] for k in _SYMBOL_KEYS if k in entry), None)
+    else:
+        raise InvalidRequest(f"{where}: format 'ohlcv' takes objects or 6-value lists")
+    t = values["t"] if isinstance(values["t"], str) else _number(values["t"], f"{where}.t")
+    parts = [str(symbol)] if symbol is not None else []
+    parts.append(t)
+    parts += [f"{f}={_number(values[f], f'{where}.{f}')}" for f in "ohlcv"]
+    return " ".join(parts)
+
+
+def _pick(entry: dict, names: tuple[str, ...], where: str) -> Any:
+    for name in names:
+        if name in entry:
+            return entry[name]
+    raise InvalidRequest(f"{where}: missing (accepted keys: {', '.join(names)})")
+
+
+def _render_kv(entry: Any, index: int) -> str:
+    if not isinstance(entry, dict):
+        raise InvalidRequest(f"data[{index}]: format 'kv' takes objects")
+    return " ".join(f"{k}={_scalar(v)}" for k, v in entry.items())
+
+
+def _scalar(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return _json.encode(value).decode()

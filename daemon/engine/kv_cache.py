@@ -1,0 +1,56 @@
+"""The paged KV pool's tensors and how many blocks fit in memory."""
+
+from __future__ import annotations
+
+import torch
+
+from livelm.daemon.model.config import ModelConfig
+
+CPU_KV_BUDGET_BYTES = 1 << 30
+MAX_AUTO_TOKENS = 1 << 20
+
+
+def bytes_per_token(config: ModelConfig, dtype: torch.dtype) -> int:
+    element = torch.empty((), dtype=dtype).element_size()
+    return 2 * config.num_layers * config.num_kv_heads * config.head_dim * element
+
+
+def auto_kv_tokens(
+    config: ModelConfig, dtype: torch.dtype, device: torch.device, memory_fraction: float
+) -> int:
+    """Tokens the pool can hold: a share of free GPU memory, or a fixed budget on the CPU."""
+    per_token = bytes_per_token(config, dtype)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        budget = int(free * memory_fraction)
+    else:
+        budget = CPU_KV_BUDGET_BYTES
+    return min(budget // per_token, MAX_AUTO_TOKENS)
+
+
+class KVCache:
+    """Per layer, K and V of shape [num_blocks, block_size, kv_heads, head_dim]."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.layers = [
+            (
+                torch.zeros(shape, dtype=dtype, device=device),
+                torch.zeros(shape, dtype=dtype, device=device),
+            )
+            for _ in range(config.num_layers)
+        ]
+
+    def copy_block(self, src: int, dst: int) -> None:
+        for k, v in self.layers:
+            k[dst].copy_(k[src])
+            v[dst].copy_(v[src])

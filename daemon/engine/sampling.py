@@ -1,0 +1,48 @@
+"""Per-query sampling settings, and the batched form the sample kernel takes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from livelm.daemon.kernels.ops import SamplingBatch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    eos_ids: frozenset[int] = frozenset()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+    def make_generator(self, device: torch.device) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        gen = torch.Generator(device=device)
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed & 0xFFFF_FFFF_FFFF_FFFF)
+        return gen
+
+
+def sampling_batch(
+    params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device
+) -> SamplingBatch:
+    return SamplingBatch(
+        temperature=torch.tensor(
+            [p.temperature for p in params], dtype=torch.float32, device=device
+        ),
+        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
+        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        generators=generators,
+        all_greedy=all(p.greedy for p in params),
+    )

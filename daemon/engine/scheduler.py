@@ -1,0 +1,55 @@
+"""Chooses what one worker step computes: decode tokens first, then a budget of prefill.
+
+Order within the prefill budget: question tokens (latency), then pending session data
+(throughput), with sessions that have queries waiting on them first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from livelm.daemon.engine.sequence import Phase, QueryState, Sequence, SessionState
+
+
+@dataclass(frozen=True)
+class Chunk:
+    seq: Sequence
+    start: int  # absolute position of the first new token
+    length: int
+    sample: bool  # a token is drawn from the chunk's last row
+
+
+class Scheduler:
+    def __init__(self, max_batch_tokens: int, max_decode_seqs: int = 256) -> None:
+        self.max_batch_tokens = max_batch_tokens
+        self.max_decode_seqs = max_decode_seqs
+        self._rotation = 0
+
+    def plan(
+        self, sessions: list[SessionState], queries: list[QueryState], awaited: set[int]
+    ) -> list[Chunk]:
+        """``awaited``: slots of sessions that waiting queries need ingested first."""
+        chunks = [Chunk(q, q.num_computed, 1, True) for q in queries if q.phase is Phase.DECODE][
+            : self.max_decode_seqs
+        ]
+        budget = self.max_batch_tokens - len(chunks)
+        for q in queries:
+            if q.phase is Phase.PREFILL and budget > 0:
+                n = min(q.pending, budget)
+                chunks.append(Chunk(q, q.num_computed, n, n == q.pending))
+                budget -= n
+        for s in self._data_order(sessions, awaited):
+            if budget <= 0:
+                break
+            n = min(s.pending, budget)
+            chunks.append(Chunk(s, s.num_computed, n, False))
+            budget -= n
+        return chunks
+
+    def _data_order(self, sessions: list[SessionState], awaited: set[int]) -> list[SessionState]:
+        pending = [s for s in sessions if s.pending > 0]
+        if not pending:
+            return []
+        self._rotation = (self._rotation + 1) % len(pending)
+        rotated = pending[self._rotation :] + pending[: self._rotation]
+        return sorted(rotated, key=lambda s: s.slot not in awaited)  # stable: awaited first

@@ -1,0 +1,104 @@
+"""Worker-side state: a session's context in the KV pool, and a query forked from it."""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from livelm.daemon.engine.sampling import SamplingParams
+
+
+@dataclass
+class Sequence:
+    """Tokens laid out in blocks; ``num_computed`` of them have their K/V in the pool."""
+
+    tokens: list[int]
+    base: int = 0  # absolute position of tokens[0] (a query holds only its own tokens)
+    block_table: list[int] = field(default_factory=list)
+    num_computed: int = 0
+
+    @property
+    def length(self) -> int:
+        return self.base + len(self.tokens)
+
+    @property
+    def pending(self) -> int:
+        return self.length - self.num_computed
+
+    def token_slice(self, start: int, count: int) -> list[int]:
+        return self.tokens[start - self.base : start - self.base + count]
+
+
+@dataclass
+class SessionState(Sequence):
+    slot: int = 0
+    opening_len: int = 0
+    # (seq, end index into tokens) of each retained entry, oldest first
+    entries: deque[tuple[int, int]] = field(default_factory=deque)
+    first_kept_seq: int = 1
+    ingested_seq: int = 0
+    reported: tuple[int, int, int] = (-1, -1, -1)  # last progress told to the event loop
+    error: str | None = None  # set when computing this session failed; it then stops advancing
+
+    def append_entry(self, seq: int, tokens: list[int]) -> None:
+        self.tokens.extend(tokens)
+        self.entries.append((seq, len(self.tokens)))
+
+    def advance_ingested(self) -> None:
+        """ingested_seq: the newest entry whose tokens, and all before it, are computed."""
+        for seq, end in self.entries:
+            if end > self.num_computed:
+                break
+            self.ingested_seq = max(self.ingested_seq, seq)
+
+    def caught_up(self, target_seq: int) -> bool:
+        return self.num_computed >= self.opening_len and self.ingested_seq >= target_seq
+
+    def boundary(self, limit: int) -> tuple[int, int]:
+        """Where a query forks: the end of the newest fully computed entry that leaves the
+        query room under ``limit`` tokens, as (token count, seq of that entry)."""
+        end, seen = self.opening_len, self.first_kept_seq - 1
+        for seq, entry_end in self.entries:
+            if seq > self.ingested_seq or entry_end > limit:
+                break
+            end, seen = entry_end, seq
+        return end, seen
+
+    def trim(self, first_kept_seq: int) -> bool:
+        """Drops entries below first_kept_seq; returns whether the KV must be rebuilt."""
+        self.first_kept_seq = max(self.first_kept_seq, first_kept_seq)
+        kept = [(seq, end) for seq, end in self.entries if seq >= self.first_kept_seq]
+        dropped = len(self.entries) - len(kept)
+        if dropped == 0:
+            return False
+        cut = self.opening_len
+        start = self.entries[dropped - 1][1]  # end of the newest dropped entry
+        self.tokens = self.tokens[:cut] + self.tokens[start:]
+        self.entries = deque((seq, end - (start - cut)) for seq, end in kept)
+        self.num_computed = min(self.num_computed, cut)
+        self.ingested_seq = self.first_kept_seq - 1
+        return True
+
+
+class Phase(enum.Enum):
+    WAITING = 1  # for its session to ingest the data it must see
+    PREFILL = 2
+    DECODE = 3
+    DONE = 4
+
+
+@dataclass
+class QueryState(Sequence):
+    query_id: int = 0
+    slot: int = 0
+    target_seq: int = 0
+    question: list[int] = field(default_factory=list)
+    params: SamplingParams | None = None
+    phase: Phase = Phase.WAITING
+    data_seq: int = 0
+    context_len: int = 0  # session tokens the query forked over
+    output: list[int] = field(default_factory=list)
+    capture_logits: bool = False

@@ -1,0 +1,112 @@
+"""Event-loop side of a session: its layout, accepted entries, window and progress."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections import deque
+from dataclasses import dataclass, field
+
+from livelm.protocol.errors import InvalidRequest
+from livelm.protocol.messages import StatusReply
+
+_SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+def new_session_id(requested: str | None, taken: dict) -> str:
+    if requested is None:
+        return "s_" + secrets.token_urlsafe(18)
+    if not _SESSION_ID.match(requested):
+        raise InvalidRequest(
+            "session_id must be 1-128 characters of letters, digits, '_', '-', '.' or ':'"
+        )
+    if requested in taken:
+        raise InvalidRequest(f"session {requested!r} already exists")
+    return requested
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    first_seq: int
+    last_seq: int
+    first_kept_seq: int | None  # set when the push overflows the window
+    retained: deque[tuple[int, int]]
+    data_tokens: int
+
+
+@dataclass
+class Session:
+    session_id: str
+    slot: int
+    template: str
+    format: str
+    window: int
+    opening_tokens: int
+    question_suffix: list[int]
+    low_water: float
+    entries: deque[tuple[int, int]] = field(default_factory=deque)  # (seq, tokens), retained
+    data_tokens: int = 0
+    last_seq: int = 0
+    dropped: int = 0
+    ingested_seq: int = 0
+    computed_tokens: int = 0
+    pending_tokens: int = 0
+    reserved_blocks: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def context_tokens(self) -> int:
+        """Tokens of the context once every accepted entry is ingested."""
+        return self.opening_tokens + self.data_tokens
+
+    def plan_push(self, sizes: list[int]) -> PushPlan:
+        """Assigns seqs; past the window, drops the oldest entries down to the low-water mark."""
+        first = self.last_seq + 1
+        retained = deque(self.entries)
+        retained.extend((first + i, n) for i, n in enumerate(sizes))
+        data = self.data_tokens + sum(sizes)
+        first_kept = None
+        if self.opening_tokens + data > self.window:
+            floor = int(self.window * self.low_water)
+            while len(retained) > 1 and self.opening_tokens + data > floor:
+                data -= retained.popleft()[1]
+            first_kept = retained[0][0]
+        return PushPlan(first, first + len(sizes) - 1, first_kept, retained, data)
+
+    def commit(self, plan: PushPlan) -> None:
+        kept_before = len(self.entries)
+        self.dropped += kept_before + (plan.last_seq - plan.first_seq + 1) - len(plan.retained)
+        self.entries = plan.retained
+        self.data_tokens = plan.data_tokens
+        self.last_seq = plan.last_seq
+
+    def status(self) -> StatusReply:
+        return StatusReply(
+            session_id=self.session_id,
+            data_seq=self.last_seq,
+            ingested_seq=self.ingested_seq,
+            context_tokens=self.computed_tokens,
+            pending_tokens=self.pending_tokens,
+            window=self.window,
+            prompt_tokens=self.opening_tokens,
+            entries=len(self.entries),
+            first_seq=self.entries[0][0] if self.entries else 0,
+            dropped_entries=self.dropped,
+            template=self.template,  # type: ignore[arg-type]
+            format=self.format,  # type: ignore[arg-type]
+        )
+
+
+class SlotAllocator:
+    """Ids for sessions on the ring. Never reused, so a late report about a closed session
+    can't be mistaken for one about a new session."""
+
+    def __init__(self) -> None:
+        self._next = 0
+
+    def take(self) -> int:
+        if self._next >= 0xFFFF_FFFF:
+            raise OverflowError("session slots exhausted")
+        self._next += 1
+        return self._next

@@ -1,0 +1,295 @@
+"""The worker thread: owns the model, the KV pool and every device call.
+
+Each turn it takes commands (queries, cancels) and ring records (sessions' data), forks the
+queries whose data has arrived, asks the scheduler for a step, runs it, and hands tokens and
+progress back to the event loop in one call per step.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from livelm.daemon.engine import records
+from livelm.daemon.engine.detok import TextTracker
+from livelm.daemon.engine.kv_manager import KVManager
+from livelm.daemon.engine.runner import ModelRunner
+from livelm.daemon.engine.scheduler import Chunk, Scheduler
+from livelm.daemon.engine.sequence import Phase, QueryState, SessionState
+from livelm.daemon.model.tokenizer import Tokenizer
+from livelm.native.ring import Ring
+from livelm.protocol.errors import InternalError, LiveLMError, UnknownSession
+from livelm.protocol.messages import DoneReply, TokenEvent, Usage
+
+log = logging.getLogger("livelm.worker")
+IDLE_WAIT_S = 0.25
+
+
+@dataclass(frozen=True)
+class StartQuery:
+    query: QueryState
+
+
+@dataclass(frozen=True)
+class CancelQuery:
+    query_id: int
+
+
+@dataclass
+class QueryUpdate:
+    tokens: list[TokenEvent] = field(default_factory=list)
+    done: DoneReply | None = None
+    error: LiveLMError | None = None
+    first_logits: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class Progress:
+    slot: int
+    ingested_seq: int
+    context_tokens: int
+    pending_tokens: int
+
+
+@dataclass(frozen=True)
+class StepReport:
+    queries: dict[int, QueryUpdate]
+    progress: list[Progress]
+    ring_drained: bool
+
+
+class Worker(threading.Thread):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        kv: KVManager,
+        scheduler: Scheduler,
+        ring: Ring,
+        tokenizer: Tokenizer,
+        max_context: int,
+        report: Callable[[StepReport], None],
+    ) -> None:
+        super().__init__(name="livelm-worker", daemon=True)
+        self.runner, self.kv, self.scheduler, self.ring = runner, kv, scheduler, ring
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self._report = report
+        self.sessions: dict[int, SessionState] = {}
+        self.queries: dict[int, QueryState] = {}
+        self._trackers: dict[int, TextTracker] = {}
+        self._generators: dict[int, torch.Generator | None] = {}
+        self._commands: queue.SimpleQueue[StartQuery | CancelQuery] = queue.SimpleQueue()
+        self._stopping = threading.Event()
+        self._updates: dict[int, QueryUpdate] = {}
+        self._touched: set[int] = set()
+        self._drained = False
+        self.fatal: BaseException | None = None
+
+    # ---- called from the event loop thread ---------------------------------------------------
+    def submit(self, command: StartQuery | CancelQuery) -> None:
+        self._commands.put(command)
+        self.ring.wake()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.ring.wake()
+
+    # ---- the thread ------------------------------------------------------------------------
+    def run(self) -> None:
+        try:
+            while not self._stopping.is_set():
+                self._turn()
+        except BaseException as exc:  # the worker is gone: tell the loop so requests fail fast
+            log.exception("worker thread died")
+            self.fatal = exc
+            self._fail_all(InternalError("the inference worker stopped; see the daemon log"))
+            self._flush()
+
+    def _turn(self) -> None:
+        self._take_commands()
+        self._take_records()
+        self._start_queries()
+        queries = [q for q in self.queries.values() if q.phase in (Phase.PREFILL, Phase.DECODE)]
+        sessions = [s for s in self.sessions.values() if s.error is None]
+        awaited = {q.slot for q in self.queries.values() if q.phase is Phase.WAITING}
+        chunks = self.scheduler.plan(sessions, queries, awaited)
+        if chunks:
+            self._step(chunks)
+        self._flush()
+        if not chunks:
+            self.ring.wait(IDLE_WAIT_S)
+
+    def _take_commands(self) -> None:
+        while True:
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(command, StartQuery):
+                self._add_query(command.query)
+            elif command.query_id in self.queries:
+                self._finish(self.queries[command.query_id], "cancelled")
+
+    def _add_query(self, q: QueryState) -> None:
+        self.queries[q.query_id] = q
+        self._trackers[q.query_id] = TextTracker(self.tokenizer, q.params.stop)
+        self._generators[q.query_id] = q.params.make_generator(self.runner.device)
+
+    def _take_records(self) -> None:
+        used = self.ring.used
+        if used == 0:
+            return
+        for rec in records.decode_all(self.ring.read(used)):
+            self._apply(rec)
+        self._drained = True
+
+    def _apply(self, rec: records.Record) -> None:
+        if rec.kind is records.Kind.OPEN:
+            self.sessions[rec.slot] = SessionState(
+                tokens=rec.tokens, slot=rec.slot, opening_len=len(rec.tokens)
+            )
+        elif rec.kind is records.Kind.CLOSE:
+            self._close(rec.slot)
+        else:
+            session = self.sessions[rec.slot]
+            if rec.kind is records.Kind.DATA and rec.arg >= session.first_kept_seq:
+                session.append_entry(rec.arg, rec.tokens)
+            elif rec.kind is records.Kind.TRIM and session.trim(rec.arg):
+                self.kv.truncate(session, session.num_computed)
+        self._touched.add(rec.slot)
+
+    def _close(self, slot: int) -> None:
+        session = self.sessions.pop(slot)
+        self.kv.release(session)
+        for q in list(self.queries.values()):
+            if q.slot == slot and q.phase is Phase.WAITING:
+                self._fail(q, UnknownSession("the session was closed"))
+
+    def _start_queries(self) -> None:
+        # a query's OPEN record precedes it in the ring, so a missing session was closed
+        for q in list(self.queries.values()):
+            if q.phase is not Phase.WAITING:
+                continue
+            session = self.sessions.get(q.slot)
+            if session is None:
+                self._fail(q, UnknownSession("the session was closed"))
+            elif session.caught_up(q.target_seq):
+                self._fork(q, session)
+
+    def _fork(self, q: QueryState, session: SessionState) -> None:
+        limit = self.max_context - len(q.question) - q.params.max_tokens
+        length, data_seq = session.boundary(limit)
+        self.kv.fork(session, length, into=q)
+        q.base, q.tokens = length, list(q.question)
+        q.context_len, q.data_seq = length, data_seq
+        q.phase = Phase.PREFILL
+
+    # ---- one step ------------------------------------------------------------------------
+    def _step(self, chunks: list[Chunk]) -> None:
+        sampling = [ch.seq for ch in chunks if ch.sample]
+        try:
+            for ch in chunks:
+                self.kv.prepare_write(ch.seq, ch.start, ch.start + ch.length)
+            tokens, logits = self.runner.run(
+                chunks,
+                [q.params for q in sampling],
+                [self._generators[q.query_id] for q in sampling],
+            )
+        except (RuntimeError, LiveLMError) as exc:
+            self._step_failed(chunks, exc)
+            return
+        for ch in chunks:
+            ch.seq.num_computed = ch.start + ch.length
+            if isinstance(ch.seq, SessionState):
+                ch.seq.advance_ingested()
+                self._touched.add(ch.seq.slot)
+        for i, q in enumerate(sampling):
+            self._on_token(q, tokens[i], logits[i] if q.capture_logits and not q.output else None)
+
+    def _step_failed(self, chunks: list[Chunk], exc: Exception) -> None:
+        log.error("step failed", exc_info=exc)
+        for ch in chunks:
+            if isinstance(ch.seq, QueryState):
+                self._fail(ch.seq, InternalError(f"computing the answer failed: {exc}"))
+            else:
+                ch.seq.error = str(exc)
+
+    def _on_token(self, q: QueryState, token: int, logits: torch.Tensor | None) -> None:
+        update = self._update(q)
+        if logits is not None:
+            update.first_logits = logits.cpu()
+        q.phase = Phase.DECODE
+        if token in q.params.eos_ids:
+            self._finish(q, "stop")
+            return
+        q.output.append(token)
+        tracker = self._trackers[q.query_id]
+        update.tokens.append(TokenEvent(text=tracker.update(q.output), token=token))
+        if tracker.stopped:
+            self._finish(q, "stop")
+        elif len(q.output) >= q.params.max_tokens:
+            self._finish(q, "length")
+        else:
+            q.tokens.append(token)
+
+    # ---- ending queries ------------------------------------------------------------------
+    def _finish(self, q: QueryState, reason: str) -> None:
+        tracker = self._trackers.pop(q.query_id)
+        rest = tracker.finish()
+        update = self._update(q)
+        if rest and update.tokens and update.tokens[-1].token is not None:
+            last = update.tokens[-1]
+            update.tokens[-1] = TokenEvent(text=last.text + rest, token=last.token)
+        elif rest:  # held-back text with no token of this step to carry it
+            update.tokens.append(TokenEvent(text=rest, token=None))
+        update.done = DoneReply(
+            text=tracker.text,
+            tokens=list(q.output),
+            finish_reason=reason,
+            usage=Usage(
+                prompt_tokens=len(q.question),
+                completion_tokens=len(q.output),
+                context_tokens=q.context_len,
+            ),
+            data_seq=q.data_seq,
+        )
+        self._drop(q)
+
+    def _fail(self, q: QueryState, error: LiveLMError) -> None:
+        self._update(q).error = error
+        self._trackers.pop(q.query_id, None)
+        self._drop(q)
+
+    def _drop(self, q: QueryState) -> None:
+        q.phase = Phase.DONE
+        self.kv.release(q)
+        self._generators.pop(q.query_id, None)
+        del self.queries[q.query_id]
+
+    def _fail_all(self, error: LiveLMError) -> None:
+        for q in list(self.queries.values()):
+            self._fail(q, error)
+
+    # ---- reporting ---------------------------------------------------------------------------
+    def _update(self, q: QueryState) -> QueryUpdate:
+        return self._updates.setdefault(q.query_id, QueryUpdate())
+
+    def _flush(self) -> None:
+        progress = []
+        for slot in self._touched:
+            s = self.sessions.get(slot)
+            if s is None:
+                continue
+            now = (s.ingested_seq, s.num_computed, s.pending)
+            if now != s.reported:
+                s.reported = now
+                progress.append(Progress(slot, *now))
+        self._touched.clear()
+        if self._updates or progress or self._drained:
+            self._report(StepReport(self._updates, progress, self._drained))
+            self._updates, self._drained = {}, False

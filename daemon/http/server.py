@@ -1,0 +1,158 @@
+"""The aiohttp application: middlewares, health/ready/metrics, and the session routes.
+
+The server starts before the model is loaded (so ``/health`` answers during a long load);
+``attach_engine`` plugs the engine in once it runs, and ``/ready`` turns 200 when it is ready.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from livelm.daemon.config import Config
+from livelm.daemon.http.errors import CLIENT_CLOSED, Handler, error_middleware
+from livelm.daemon.http.sessions import SessionRoutes, json_response
+from livelm.daemon.metrics import CONTENT_TYPE, HttpMetrics, render
+from livelm.protocol.errors import Overloaded, Unauthorized
+
+if TYPE_CHECKING:
+    from livelm.daemon.engine.engine import Engine
+
+LOADING_RETRY_AFTER = 5.0  # seconds a client is told to wait while the model loads
+OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # served without an API key
+
+
+@dataclass
+class ServerState:
+    """What the routes need that arrives after the server starts, or changes at shutdown."""
+
+    config: Config
+    engine: Engine | None = None
+    model: str = ""
+    kernels: dict[str, str] = field(default_factory=dict)
+    draining: bool = False
+    http: HttpMetrics = field(default_factory=HttpMetrics)
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None and self.engine.ready and not self.draining
+
+    def engine_for(self) -> Engine:
+        """The engine for a request, or ``Overloaded`` (503 + Retry-After) while there is none."""
+        if self.draining:
+            raise Overloaded("the server is shutting down", retry_after=LOADING_RETRY_AFTER)
+        if self.engine is None or not self.engine.ready:
+            raise Overloaded("the model is still loading", retry_after=LOADING_RETRY_AFTER)
+        return self.engine
+
+
+STATE = web.AppKey("livelm_state", ServerState)
+
+
+def build_app(
+    engine: Engine | None,
+    config: Config,
+    *,
+    model: str = "",
+    kernels: Mapping[str, str] | None = None,
+) -> web.Application:
+    """The application; ``engine`` may be ``None`` at first and attached later."""
+    state = ServerState(config=config, engine=engine, model=model, kernels=dict(kernels or {}))
+    app = web.Application(
+        client_max_size=config.max_request_bytes,
+        middlewares=[_metrics_middleware(state), error_middleware, _auth_middleware(config)],
+    )
+    app[STATE] = state
+    app.router.add_get("/health", _health)
+    app.router.add_get("/ready", _ready)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_routes(SessionRoutes(state.engine_for).routes())
+    return app
+
+
+def server_state(app: web.Application) -> ServerState:
+    return app[STATE]
+
+
+def attach_engine(
+    app: web.Application, engine: Engine, *, model: str, kernels: Mapping[str, str]
+) -> None:
+    state = app[STATE]
+    state.engine, state.model, state.kernels = engine, model, dict(kernels)
+
+
+def start_draining(app: web.Application) -> None:
+    """New session requests get 503 from now on; /ready turns 503 too."""
+    app[STATE].draining = True
+
+
+async def _health(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def _ready(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    if not state.ready:
+        reason = "draining" if state.draining else "loading"
+        return json_response({"ready": False, "status": reason}, status=503)
+    return json_response({"ready": True, "model": state.model, "kernels": state.kernels})
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    state = request.app[STATE]
+    engine_values = state.engine.metrics() if state.engine is not None else {}
+    text = render(state.http, engine_values, ready=state.ready)
+    return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def _route_label(request: web.Request) -> str:
+    resource = request.match_info.route.resource
+    return resource.canonical if resource is not None else "unmatched"
+
+
+def _metrics_middleware(state: ServerState) -> Handler:
+    @web.middleware
+    async def count_requests(request: web.Request, handler: Handler) -> web.StreamResponse:
+        start = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:  # redirects; errors are answered by error_middleware
+            status = exc.status
+            raise
+        except asyncio.CancelledError:
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            route = _route_label(request)
+            state.http.observe(route, request.method, status, time.perf_counter() - start)
+
+    return count_requests
+
+
+def _auth_middleware(config: Config) -> Handler:
+    keys = [key.encode() for key in config.api_keys]
+
+    @web.middleware
+    async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if keys and request.path not in OPEN_PATHS and not _has_key(request, keys):
+            raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
+        return await handler(request)
+
+    return check_key
+
+
+def _has_key(request: web.Request, keys: list[bytes]) -> bool:
+    auth = request.headers.get("Authorization", "")
+    given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
+    # compare against every key so timing does not reveal which one matched
+    matches = [hmac.compare_digest(given.strip().encode(), key) for key in keys]
+    return any(matches)

@@ -1,0 +1,166 @@
+"""The session routes of PROTOCOL.md: init, push, generate (JSON or SSE), status, close.
+
+Handlers only decode, call the engine and encode; the engine validates and owns all state.
+``engine_for()`` gives the running engine or raises ``Overloaded`` while it is loading or
+draining. The server cancels a handler whose client disconnects: state changes (init, push,
+close) are shielded so they complete or fail as a whole; a query is cancelled in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import msgspec
+from aiohttp import web
+
+from livelm.daemon.http.errors import classify, error_body
+from livelm.daemon.logs import get_logger
+from livelm.protocol.errors import InvalidRequest, LiveLMError
+from livelm.protocol.messages import GenerateRequest, InitRequest, PushRequest
+
+if TYPE_CHECKING:
+    from livelm.daemon.engine.engine import Engine, QueryHandle
+
+log = get_logger(__name__)
+
+T = TypeVar("T")
+
+NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # keep reverse proxies from buffering the stream
+}
+
+_any_json = msgspec.json.Decoder()
+
+
+def json_response(value: Any, status: int = 200) -> web.Response:
+    return web.Response(
+        status=status, body=msgspec.json.encode(value), content_type="application/json"
+    )
+
+
+def decode_json(body: bytes, kind: type[T]) -> T:
+    """Decode a body into ``kind``; errors name the field (``... at `$.max_tokens```)."""
+    try:
+        return msgspec.json.decode(body, type=kind)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise InvalidRequest(f"invalid request body: {exc}") from exc
+
+
+def decode_lines(body: bytes, as_json: bool) -> list[Any]:
+    """One entry per non-empty line: a JSON value (ndjson) or the line's text (text/plain)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"request body is not UTF-8: {exc}") from exc
+    entries: list[Any] = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        if not as_json:
+            entries.append(line)
+            continue
+        try:
+            entries.append(_any_json.decode(line))
+        except msgspec.DecodeError as exc:
+            raise InvalidRequest(f"line {number} of the ndjson body: {exc}") from exc
+    return entries
+
+
+def sse_event(name: str, data: bytes) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+class SessionRoutes:
+    def __init__(self, engine_for: Callable[[], Engine]) -> None:
+        self.engine_for = engine_for
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.post("/v1/sessions/init", self.init),
+            web.post("/v1/sessions/{id}/stream/push", self.push),
+            web.post("/v1/sessions/{id}/generate", self.generate),
+            web.get("/v1/sessions/{id}/stream/status", self.status),
+            web.delete("/v1/sessions/{id}", self.close),
+        ]
+
+    async def init(self, request: web.Request) -> web.Response:
+        engine = self.engine_for()
+        body = await request.read()
+        req = decode_json(body, InitRequest) if body.strip() else InitRequest()
+        return json_response(await asyncio.shield(engine.init_session(req)))
+
+    async def push(self, request: web.Request) -> web.Response:
+        engine = self.engine_for()
+        body = await request.read()
+        if request.content_type in NDJSON_TYPES:
+            data = decode_lines(body, as_json=True)
+        elif request.content_type == "text/plain":
+            data = decode_lines(body, as_json=False)
+        else:
+            data = decode_json(body, PushRequest).data
+        return json_response(await asyncio.shield(engine.push(request.match_info["id"], data)))
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        engine = self.engine_for()
+        req = decode_json(await request.read(), GenerateRequest)
+        handle = engine.generate(request.match_info["id"], req)
+        if req.stream:
+            return await _stream(request, handle)
+        try:
+            done = await handle.result()
+        except BaseException:
+            # includes CancelledError when the client disconnects (handler_cancellation)
+            handle.cancel()
+            raise
+        return json_response(done)
+
+    async def status(self, request: web.Request) -> web.Response:
+        engine = self.engine_for()
+        return json_response(engine.status(request.match_info["id"]))
+
+    async def close(self, request: web.Request) -> web.Response:
+        engine = self.engine_for()
+        session_id = request.match_info["id"]
+        await asyncio.shield(engine.close_session(session_id))
+        return json_response({"closed": True, "session_id": session_id})
+
+
+async def _stream(request: web.Request, handle: QueryHandle) -> web.StreamResponse:
+    """Answer as SSE: ``token`` events, then ``done`` (or ``error`` if the query fails)."""
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    finished = False
+    try:
+        await response.prepare(request)
+        async for event in handle:
+            await response.write(sse_event("token", msgspec.json.encode(event)))
+        done = await handle.result()
+        finished = True
+        await response.write(sse_event("done", msgspec.json.encode(done)))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.debug("stream client went away", extra={"path": request.path})
+    except Exception as exc:
+        if not response.prepared:
+            raise
+        # headers are sent: the error travels as an event
+        await _write_error(request, response, exc)
+    finally:
+        if not finished:
+            handle.cancel()
+    return response
+
+
+async def _write_error(request: web.Request, response: web.StreamResponse, exc: Exception) -> None:
+    if not isinstance(exc, LiveLMError):
+        log.exception("query stream failed", extra={"path": request.path})
+    body = error_body(classify(exc, request), request.path)
+    try:
+        await response.write(sse_event("error", body))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.debug("stream client went away", extra={"path": request.path})

@@ -1,0 +1,91 @@
+"""The operations the decoder calls, and the bound set of kernels chosen at startup.
+
+The hot path calls the plain functions held here directly: no lookups, no per-call checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from livelm.daemon.kernels.attention_meta import AttentionMeta
+
+OPERATIONS = (
+    "rms_norm",
+    "add_rms_norm",
+    "rope",
+    "swiglu",
+    "prefill_attention",
+    "decode_attention",
+    "sample",
+)
+
+
+class RmsNorm(Protocol):
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor: ...
+
+
+class AddRmsNorm(Protocol):
+    """Returns (norm(x + residual), x + residual)."""
+
+    def __call__(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class Rope(Protocol):
+    """Rotates q [N, Hq, D] and k [N, Hk, D] by the angles of ``positions`` (rotate-half style)."""
+
+    def __call__(
+        self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class SwiGlu(Protocol):
+    """silu(gate) * up, where gate_up = [gate | up] along the last dim."""
+
+    def __call__(self, gate_up: torch.Tensor) -> torch.Tensor: ...
+
+
+class PagedAttention(Protocol):
+    """Attention of q [N, Hq, D] over each sequence's paged KV (the new tokens already written)."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMeta,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class SamplingBatch:
+    """Per-row sampling settings; temperature 0 means greedy."""
+
+    temperature: torch.Tensor  # [B] float32
+    top_p: torch.Tensor  # [B] float32
+    top_k: torch.Tensor  # [B] int64, 0 = off
+    generators: list[torch.Generator | None]
+    all_greedy: bool
+
+
+class Sample(Protocol):
+    def __call__(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """One plain function per operation, bound once by the dispatcher."""
+
+    rms_norm: RmsNorm
+    add_rms_norm: AddRmsNorm
+    rope: Rope
+    swiglu: SwiGlu
+    prefill_attention: PagedAttention
+    decode_attention: PagedAttention
+    sample: Sample

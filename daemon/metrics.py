@@ -1,0 +1,101 @@
+"""Prometheus text exposition (format 0.0.4) for ``GET /metrics``, with no client library.
+
+HTTP requests are counted here by route, method and status; the engine's ``metrics()`` dict is
+rendered with the ``livelm_`` prefix (names ending in ``_total`` as counters, the rest as gauges).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping
+
+PREFIX = "livelm_"
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+_BAD_NAME_CHARS = re.compile(r"[^a-zA-Z0-9_:]")
+
+
+class HttpMetrics:
+    """Request counters; ``route`` is the route's pattern (``/v1/sessions/{id}/generate``)."""
+
+    def __init__(self) -> None:
+        self.started = time.monotonic()
+        self._requests: Counter[tuple[str, str, str]] = Counter()
+        self._seconds: Counter[tuple[str, str]] = Counter()
+
+    def observe(self, route: str, method: str, status: int | str, seconds: float) -> None:
+        self._requests[(route, method, str(status))] += 1
+        self._seconds[(route, method)] += seconds
+
+    def count(self, route: str, method: str, status: int | str) -> int:
+        return self._requests[(route, method, str(status))]
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
+
+    def lines(self) -> list[str]:
+        out = _header("http_requests_total", "counter", "HTTP requests by route, method, status")
+        for (route, method, status), n in sorted(self._requests.items()):
+            labels = {"route": route, "method": method, "status": status}
+            out.append(_sample("http_requests_total", n, labels))
+        out += _header("http_request_seconds_total", "counter", "Time spent serving requests")
+        for (route, method), secs in sorted(self._seconds.items()):
+            out.append(
+                _sample("http_request_seconds_total", secs, {"route": route, "method": method})
+            )
+        return out
+
+
+def render(http: HttpMetrics, engine: Mapping[str, float], *, ready: bool) -> str:
+    """The whole exposition: process gauges, HTTP counters, then the engine's values."""
+    lines = _header("up_seconds", "gauge", "Seconds since the daemon started")
+    lines.append(_sample("up_seconds", http.uptime()))
+    lines += _header("ready", "gauge", "1 when the model is loaded and the engine runs")
+    lines.append(_sample("ready", 1 if ready else 0))
+    lines += http.lines()
+    lines += engine_lines(engine.items())
+    return "\n".join(lines) + "\n"
+
+
+def engine_lines(items: Iterable[tuple[str, float]]) -> list[str]:
+    lines: list[str] = []
+    for raw_name, value in sorted(items):
+        name = metric_name(raw_name)
+        kind = "counter" if raw_name.endswith("_total") else "gauge"
+        lines += _header(name, kind, f"Engine metric {raw_name}")
+        lines.append(_sample(name, value))
+    return lines
+
+
+def metric_name(name: str) -> str:
+    """A valid Prometheus name (without the prefix): bad characters become ``_``."""
+    clean = _BAD_NAME_CHARS.sub("_", name)
+    return f"_{clean}" if clean[:1].isdigit() else clean
+
+
+def _header(name: str, kind: str, help_text: str) -> list[str]:
+    escaped = help_text.replace("\\", "\\\\").replace("\n", "\\n")
+    return [f"# HELP {PREFIX}{name} {escaped}", f"# TYPE {PREFIX}{name} {kind}"]
+
+
+def _sample(name: str, value: float, labels: Mapping[str, str] | None = None) -> str:
+    label_text = ""
+    if labels:
+        label_text = "{" + ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items()) + "}"
+    return f"{PREFIX}{name}{label_text} {_number(value)}"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _number(value: float) -> str:
+    value = float(value)
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return str(int(value)) if value.is_integer() and abs(value) < 2**53 else repr(value)

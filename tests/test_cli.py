@@ -1,0 +1,100 @@
+"""The ``livelm`` command line: help, config errors (exit 2), model load errors (exit 3)."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from livelm.daemon.cli import SERVE_FLAGS, build_parser, main
+
+
+def livelm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "livelm.daemon", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+def test_serve_help_lists_every_flag() -> None:
+    result = livelm("serve", "--help")
+    assert result.returncode == 0
+    for flag in [*SERVE_FLAGS, "--config"]:
+        assert flag in result.stdout
+    assert "PATH|random:NAME|demo" in result.stdout
+
+
+def test_top_level_help_lists_serve() -> None:
+    result = livelm("--help")
+    assert result.returncode == 0 and "serve" in result.stdout
+
+
+def test_no_command_prints_help_and_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 2
+    assert "serve" in capsys.readouterr().err
+
+
+def test_bad_port_exits_2_with_a_clear_message() -> None:
+    result = livelm("serve", "--port", "notanumber")
+    assert result.returncode == 2
+    assert "port: expected an integer, got 'notanumber' (from --port)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_yaml_exits_2_naming_the_key(tmp_path: Path) -> None:
+    config = tmp_path / "bad.yaml"
+    config.write_text("blok_size: 16\n", encoding="utf-8")
+    result = livelm("serve", "--config", str(config))
+    assert result.returncode == 2
+    assert (
+        "unknown key 'blok_size'" in result.stderr and "did you mean 'block_size'?" in result.stderr
+    )
+
+
+def test_missing_yaml_exits_2(tmp_path: Path) -> None:
+    result = livelm("serve", "--config", str(tmp_path / "missing.yaml"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_unknown_flag_exits_2() -> None:
+    result = livelm("serve", "--no-such-flag")
+    assert result.returncode == 2 and "--no-such-flag" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a CPU-only machine")
+def test_cuda_on_cpu_only_machine_exits_2() -> None:
+    result = livelm("serve", "--device", "cuda", "--port", "0", "--tcp-port", "0")
+    assert result.returncode == 2
+    assert "CUDA is not available" in result.stderr
+
+
+def test_unloadable_model_exits_3(tmp_path: Path) -> None:
+    missing = tmp_path / "no-model-here"
+    args = ["serve", "--model", str(missing), "--port", "0", "--tcp-port", "0"]
+    result = livelm(*args, "--cache-dir", str(tmp_path), "--log-format", "text")
+    assert result.returncode == 3, result.stderr
+    assert "cannot load model" in result.stderr and str(missing) in result.stderr
+
+
+def test_flags_only_given_reach_the_config() -> None:
+    args = build_parser().parse_args(["serve", "--block-size", "32"])
+    assert args.block_size == "32"
+    assert not hasattr(args, "port")  # not given: env and YAML keep their say
+
+
+def test_port_in_use_exits_2(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        args = ["serve", "--port", port, "--tcp-port", "0", "--cache-dir", str(tmp_path)]
+        result = livelm(*args)
+    assert result.returncode == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
