@@ -96,6 +96,7 @@ class Engine:
             "entries_accepted_total": 0,
             "queries_started_total": 0,
             "tokens_generated_total": 0,
+            "ring_full_waits_total": 0,  # times a producer was held back by a full ring
         }
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -241,6 +242,7 @@ class Engine:
                 if len(words) > self.ring.capacity:
                     raise TooLarge(f"a record of {len(words)} words exceeds the ring")
                 while not self.ring.write(words):  # full: hold the producer back, never drop
+                    self.counters["ring_full_waits_total"] += 1
                     self._ring_space.clear()
                     try:
                         await asyncio.wait_for(self._ring_space.wait(), RING_RETRY_S)
