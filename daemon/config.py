@@ -53,6 +53,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ring_words: int = 1 << 22
     drain_timeout: float = 10.0  # seconds to finish in-flight queries on shutdown
     api_keys: list[str] = []
+    # a baseline for benchmarks: every query re-prefills its whole context (no KV reuse)
+    reprefill_queries: bool = False
 
     def __post_init__(self) -> None:
         values = msgspec.structs.asdict(self)
@@ -193,7 +195,9 @@ def _suggest(name: str) -> str:
 
 # --- types -----------------------------------------------------------------------------------
 
-_TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string"}
+_TYPE_WORDS = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+_BOOL_WORDS = {"true": True, "1": True, "yes": True, "on": True,
+               "false": False, "0": False, "no": False, "off": False}
 
 
 def _coerce(name: str, raw: Any, source: str, is_text: bool) -> Any:
@@ -203,6 +207,10 @@ def _coerce(name: str, raw: Any, source: str, is_text: bool) -> Any:
     if kind is str:
         if isinstance(raw, str):
             return raw.strip().lower() if name in _LOWERED else raw
+    elif kind is bool:
+        value = _BOOL_WORDS.get(raw.strip().lower(), raw) if parse else raw
+        if isinstance(value, bool):
+            return value
     elif kind is int or kind is float:
         value = _parse_number(kind, raw) if parse else raw
         if _is_number_of(kind, value):
@@ -279,6 +287,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "ring_words": (lambda v: _power_of_two(v) and v >= 1024, "a power of two >= 1024"),
     "drain_timeout": (lambda v: v >= 0, "a number of seconds >= 0"),
     "api_keys": (lambda v: all(k.strip() for k in v), "a list of non-empty keys"),
+    "reprefill_queries": (lambda v: True, "true or false"),
 }
 
 # settings compared case-insensitively (``INFO``, ``CUDA:1``)

@@ -151,6 +151,20 @@ def test_window_overflow_answers_like_a_fresh_session(family_folder, hf_tokenize
     assert overflowed.tokens == until_eos(hf_greedy(family_folder, ids, ANSWER_TOKENS), model.eos_ids)
 
 
+def test_reprefill_baseline_gives_the_same_answers(family_folder, tmp_path):
+    model = loaded(family_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt=PROMPT, template="raw"))).session_id
+        await engine.push(sid, feed(0, 6))
+        return await ask(engine, sid, capture=True)
+
+    cached, cached_logits = run_engine(model, scenario)
+    fresh, fresh_logits = run_engine(model, scenario, reprefill_queries=True)
+    assert fresh.tokens == cached.tokens and fresh.usage == cached.usage
+    assert ((fresh_logits - cached_logits).norm() / cached_logits.norm()).item() < 1e-5
+
+
 @pytest.fixture(scope="module")
 def llama_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_checkpoint(tmp_path_factory.mktemp("llama_blocks"), "llama", seed=1)

@@ -82,6 +82,7 @@ class Engine:
             self.tokenizer,
             self.max_context,
             self._report_threadsafe,
+            reprefill=config.reprefill_queries,
         )
         self.sessions: dict[str, Session] = {}
         self._by_slot: dict[int, Session] = {}
@@ -269,7 +270,10 @@ class Engine:
                 f"context ({context}) + prompt ({len(question)}) + max_tokens ({params.max_tokens}) "
                 f"exceeds the model's context of {self.max_context} tokens"
             )
-        blocks = self.budget.query_blocks(context, len(question) + params.max_tokens)
+        if self.config.reprefill_queries:
+            blocks = self.budget.session_blocks(context + len(question) + params.max_tokens)
+        else:
+            blocks = self.budget.query_blocks(context, len(question) + params.max_tokens)
         self.budget.reserve_query(blocks)
         query_id = next(self._query_ids)
         handle = QueryHandle(query_id, self._cancel)

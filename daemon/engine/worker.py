@@ -73,12 +73,14 @@ class Worker(threading.Thread):
         tokenizer: Tokenizer,
         max_context: int,
         report: Callable[[StepReport], None],
+        reprefill: bool = False,
     ) -> None:
         super().__init__(name="livelm-worker", daemon=True)
         self.runner, self.kv, self.scheduler, self.ring = runner, kv, scheduler, ring
         self.tokenizer = tokenizer
         self.max_context = max_context
         self._report = report
+        self._reprefill = reprefill  # baseline mode: queries recompute their whole context
         self.sessions: dict[int, SessionState] = {}
         self.queries: dict[int, QueryState] = {}
         self._trackers: dict[int, TextTracker] = {}
@@ -184,8 +186,11 @@ class Worker(threading.Thread):
     def _fork(self, q: QueryState, session: SessionState) -> None:
         limit = self.max_context - len(q.question) - q.params.max_tokens
         length, data_seq = session.boundary(limit)
-        self.kv.fork(session, length, into=q)
-        q.base, q.tokens = length, list(q.question)
+        if self._reprefill:
+            q.base, q.tokens, q.num_computed = 0, session.tokens[:length] + q.question, 0
+        else:
+            self.kv.fork(session, length, into=q)
+            q.base, q.tokens = length, list(q.question)
         q.context_len, q.data_seq = length, data_seq
         q.phase = Phase.PREFILL
 
