@@ -9,7 +9,6 @@ queries finish (up to ``drain_timeout``), the server closes, exit 0. A second si
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import signal
 import threading
@@ -24,9 +23,10 @@ from aiohttp import web
 from livelm.daemon.config import Config
 from livelm.daemon.engine.engine import Engine
 from livelm.daemon.http.server import attach_engine, build_app, start_draining
-from livelm.daemon.kernels.dispatcher import Binding, resolve_kernels
+from livelm.daemon.kernels.dispatcher import Binding
+from livelm.daemon.kernels.startup import bind_kernels
 from livelm.daemon.logs import ACCESS_LOGGER, AccessLogger, get_logger, setup_logging
-from livelm.daemon.model.loader import LoadedModel, load_model
+from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for
 from livelm.protocol.errors import ConfigError, ModelLoadError
 
 log = get_logger(__name__)
@@ -148,8 +148,7 @@ def _load(
     config: Config, device: torch.device, dtype: torch.dtype, loop: asyncio.AbstractEventLoop
 ) -> Loaded:
     """Bind kernels, load the model, build the engine (its KV pool allocation is slow too)."""
-    binding = resolve_kernels(device, dtype)
-    _log_kernels(binding)
+    binding = bind_kernels(config, model_config_for(config.model, config.cache_path()))
     model = load_model(
         config.model,
         kernels=binding.kernels,
@@ -173,20 +172,6 @@ def _loaded(loading: asyncio.Future[Loaded]) -> Loaded:
     except Exception as exc:
         log.exception("unexpected error while loading the model")
         raise StartupError(EXIT_MODEL, f"cannot load model: {exc!r}") from exc
-
-
-def _log_kernels(binding: Binding) -> None:
-    log.info("kernels bound", extra={"kernels": binding.chosen()})
-    for d in binding.table:
-        level = logging.INFO if d.chosen else logging.DEBUG  # refusals only at debug
-        log.log(
-            level,
-            "kernel %s: %s %s (%s)",
-            d.operation,
-            d.candidate,
-            "chosen" if d.chosen else "refused",
-            d.reason,
-        )
 
 
 async def _stop_engine(engine: Engine, drain_timeout: float) -> None:

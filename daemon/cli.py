@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from livelm.daemon.config import FIELD_NAMES, load_config
+from livelm.daemon.kernels.report import add_kernels_parser
 from livelm.protocol.errors import ConfigError
 
 EXIT_CONFIG = 2
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(commands)
+    add_kernels_parser(commands)
     return parser
 
 

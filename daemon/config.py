@@ -55,6 +55,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     api_keys: list[str] = []
     # a baseline for benchmarks: every query re-prefills its whole context (no KV reuse)
     reprefill_queries: bool = False
+    kernel_policy: str = ""  # a YAML kernel policy file (lock / allow / deny / prefer)
+    kernel_tune: bool = False  # time candidate kernels on the model's shapes at startup (cached)
 
     def __post_init__(self) -> None:
         values = msgspec.structs.asdict(self)
@@ -288,6 +290,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "drain_timeout": (lambda v: v >= 0, "a number of seconds >= 0"),
     "api_keys": (lambda v: all(k.strip() for k in v), "a list of non-empty keys"),
     "reprefill_queries": (lambda v: True, "true or false"),
+    "kernel_policy": (lambda v: not v or Path(v).expanduser().is_file(), "a readable YAML file, or empty"),
+    "kernel_tune": (lambda v: True, "true or false"),
 }
 
 # settings compared case-insensitively (``INFO``, ``CUDA:1``)

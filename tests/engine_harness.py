@@ -11,20 +11,21 @@ import torch
 
 from livelm.daemon.config import Config
 from livelm.daemon.engine.engine import Engine
-from livelm.daemon.kernels.dispatcher import resolve_kernels
-from livelm.daemon.model.loader import LoadedModel, load_model
+from livelm.daemon.kernels.startup import bind_kernels
+from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for
 
 T = TypeVar("T")
 _models: dict[str, LoadedModel] = {}
 
 
-def loaded(folder: Path, cache_dir: Path) -> LoadedModel:
-    key = str(folder)
+def loaded(folder: Path, cache_dir: Path, device: str = "cpu") -> LoadedModel:
+    key = f"{folder}@{device}"
     if key not in _models:
-        device = torch.device("cpu")
-        kernels = resolve_kernels(device, torch.float32).kernels
+        config = Config(model=str(folder), device=device, dtype="float32", cache_dir=str(cache_dir))
+        kernels = bind_kernels(config, model_config_for(config.model, cache_dir)).kernels
         _models[key] = load_model(
-            key, kernels=kernels, dtype=torch.float32, device=device, cache_dir=cache_dir, progress=False
+            config.model, kernels=kernels, dtype=torch.float32, device=config.torch_device(),
+            cache_dir=cache_dir, progress=False,
         )
     return _models[key]
 
@@ -33,7 +34,8 @@ def run_engine(
     model: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], **overrides: Any
 ) -> T:
     """Starts an engine on ``model``, runs ``scenario`` against it, and stops it."""
-    settings = {"device": "cpu", "dtype": "float32", "kv_cache_tokens": 16384, "max_batch_tokens": 64}
+    device = str(model.decoder.device)
+    settings = {"device": device, "dtype": "float32", "kv_cache_tokens": 16384, "max_batch_tokens": 64}
     config = Config(**(settings | overrides))
 
     async def main() -> T:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from livelm.daemon.kernels.dispatcher import resolve_kernels
+from livelm.daemon.kernels.torch_ref import REFERENCE
 from livelm.daemon.model.decoder import LlamaDecoder
 from livelm.daemon.model.loader import LoadedModel, load_model
 from livelm.daemon.progress import Progress
@@ -21,7 +21,7 @@ CPU = torch.device("cpu")
 
 
 def _load(spec: str | Path, cache_dir: Path, dtype: torch.dtype = torch.float32) -> LoadedModel:
-    kernels = resolve_kernels(CPU, dtype).kernels
+    kernels = REFERENCE
     return load_model(
         str(spec), kernels=kernels, dtype=dtype, device=CPU, cache_dir=cache_dir, progress=False
     )
@@ -210,7 +210,7 @@ def test_progress_while_loading(
     checkpoints: dict[tuple[str, bool], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     folder = checkpoints["qwen3", True]
-    kernels = resolve_kernels(CPU, torch.float32).kernels
+    kernels = REFERENCE
     load_model(str(folder), kernels=kernels, dtype=torch.float32, device=CPU, cache_dir=tmp_path)
     lines = capsys.readouterr().err.splitlines()
     assert 1 <= len(lines) <= 4  # a log gets a few plain lines, not one per tensor

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.nn.attention.bias import causal_lower_right
 
 from livelm.daemon.kernels import torch_ref
 from livelm.daemon.kernels.attention_meta import AttentionMeta
@@ -143,7 +142,16 @@ def _sequence(
         return _gqa(q4, k4, v4, scale, None, False)
     if lq == ctx:
         return _gqa(q4, k4, v4, scale, None, True)
-    return _gqa(q4, k4, v4, scale, causal_lower_right(lq, ctx), False)
+    return _gqa(q4, k4, v4, scale, _lower_right(lq, ctx), False)
+
+
+def _lower_right(lq: int, ctx: int) -> object:
+    """A causal mask aligned to the last key, which flash attention takes without materializing."""
+    # imported on first use: the module pulls in torch._dynamo and with it triton, and triton must
+    # not be imported before a test sets TRITON_INTERPRET
+    from torch.nn.attention.bias import causal_lower_right
+
+    return causal_lower_right(lq, ctx)
 
 
 def _gqa(

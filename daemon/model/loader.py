@@ -168,3 +168,19 @@ def _stream_tensors(shards: list[Path], bar: Progress) -> Iterator[tuple[str, to
                     bar.update(1)
         except (SafetensorError, OSError) as exc:
             raise ModelLoadError(f"cannot read {shard}: {exc}") from exc
+
+
+def model_config_for(spec: str, cache_dir: Path) -> ModelConfig:
+    """The config of ``spec`` (a folder, ``random:NAME`` or ``demo``) without loading weights,
+    so kernels can be bound for the model's shapes before its weights are read."""
+    if spec == "demo":
+        return ModelConfig.from_folder(ensure_demo_model(cache_dir))
+    if spec.startswith(PRESET_PREFIX):
+        return preset_config(spec)
+    folder = Path(spec).expanduser()
+    if not folder.is_dir():
+        raise ModelLoadError(
+            f"model folder {folder} does not exist (a model is a folder path, 'demo', "
+            f"or one of {', '.join(PRESETS)})"
+        )
+    return ModelConfig.from_folder(folder)

@@ -21,7 +21,7 @@ from livelm.daemon.kernels.attention_meta import AttentionMeta
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
-MIN_KEYS_PER_SPLIT = 256  # below this a split's fixed costs outweigh its parallelism
+MIN_KEYS_PER_SPLIT = 64  # one key tile; more splits won at 2.6k context on an H200
 PROGRAMS_PER_SM = 4  # memory-bound: several resident programs keep more loads in flight
 
 
@@ -34,18 +34,23 @@ def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def split_slots(ws, split, row, head, num_splits, n_rows, num_heads, HEAD_DIM: tl.constexpr):
+    """Where a split's partial output row, max and sum live in the fp32 workspace:
+    [S, N, Hq, D] outputs, then [S, N, Hq] maxima, then [S, N, Hq] sums."""
+    zero = tl.zeros([], tl.int64)  # int arguments equal to 1 arrive as constexprs
+    cells = (zero + num_splits) * n_rows * num_heads
+    cell = ((zero + split) * n_rows + row) * num_heads + head
+    stats = ws + cells * HEAD_DIM + cell
+    return ws + cell * HEAD_DIM, stats, stats + cells
+
+
+@triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache, v_cache, part_out, part_m, part_l,
-    context_lens, block_tables,
+    q_ptr, k_cache, v_cache, ws, context_lens, block_tables,
     scale_log2, window,
-    stride_qn, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_bt,
-    stride_ps, stride_pn, stride_ph,  # part_out [S, B, Hq, D]; part_m/part_l [S, B, Hq] share the first three
-    stride_ms, stride_mn,
+    stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, MIN_CHUNK: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -57,8 +62,7 @@ def _decode_split_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(ctx - window, 0)
-    chunk = tl.maximum(tl.cdiv(ctx - lo, num_splits), MIN_CHUNK)
-    chunk = tl.cdiv(chunk, BLOCK_N) * BLOCK_N
+    chunk = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, ctx)
 
@@ -66,8 +70,8 @@ def _decode_split_kernel(
     dims = tl.arange(0, HEAD_DIM)
     heads = kv_head * GROUP + rows
     row_ok = rows < GROUP
-    q = tl.load(q_ptr + seq * stride_qn + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_ok[:, None], other=0.0)
+    q = tl.load(q_ptr + seq.to(tl.int64) * stride_qn + heads[:, None] * stride_qh
+                + dims[None, :], mask=row_ok[:, None], other=0.0)
 
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
@@ -77,54 +81,50 @@ def _decode_split_kernel(
         keys = k0 + tl.arange(0, BLOCK_N)
         key_ok = keys < end
         page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        slot = keys % BLOCK_SIZE
-        k_off = page * stride_kb + slot * stride_ks + kv_head * stride_kh
-        v_off = page * stride_vb + slot * stride_vs + kv_head * stride_vh
-        k = tl.load(k_cache + k_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
+        kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
         s = mma(q, k, UPCAST, PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + v_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
         m_i = m_new
 
-    base = split * stride_ps + seq * stride_pn
-    tl.store(part_out + base + heads[:, None] * stride_ph + dims[None, :], acc,
-             mask=row_ok[:, None])
-    stats = split * stride_ms + seq * stride_mn + heads
-    tl.store(part_m + stats, m_i, mask=row_ok)
-    tl.store(part_l + stats, l_i, mask=row_ok)
+    out_row, m_slot, l_slot = split_slots(ws, split, seq, heads, num_splits,
+                                          tl.num_programs(0), tl.num_programs(1) * GROUP,
+                                          HEAD_DIM)
+    tl.store(out_row[:, None] + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_slot, m_i, mask=row_ok)
+    tl.store(l_slot, l_i, mask=row_ok)
 
 
 @triton.jit
-def combine_splits_kernel(
-    part_out, part_m, part_l, out_ptr, num_splits,
-    stride_ps, stride_pn, stride_ph,
-    stride_ms, stride_mn,
-    stride_on, stride_oh,
-    HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
+def _combine_splits_kernel(
+    ws, out_ptr, num_splits, n_rows, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
     """out[n, h] = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s (zero when no key counted)."""
     n = tl.program_id(0)
     h = tl.program_id(1)
+    num_heads = tl.num_programs(1)
     splits = tl.arange(0, SPLITS_PAD)
     dims = tl.arange(0, HEAD_DIM)
     ok = splits < num_splits
-    stats = splits * stride_ms + n * stride_mn + h
-    m = tl.load(part_m + stats, mask=ok, other=float("-inf"))
-    l_s = tl.load(part_l + stats, mask=ok, other=0.0)
+    out_row, m_slot, l_slot = split_slots(ws, splits, n, h, num_splits, n_rows, num_heads,
+                                          HEAD_DIM)
+    m = tl.load(m_slot, mask=ok, other=float("-inf"))
+    l_s = tl.load(l_slot, mask=ok, other=0.0)
     m_max = tl.max(m, 0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
-    acc = tl.load(part_out + splits[:, None] * stride_ps + n * stride_pn + h * stride_ph
-                  + dims[None, :], mask=ok[:, None], other=0.0)
+    acc = tl.load(out_row[:, None] + dims[None, :], mask=ok[:, None], other=0.0)
     total = tl.sum(w * l_s, 0)
     total = tl.where(total == 0.0, 1.0, total)
     o = tl.sum(acc * w[:, None], 0) / total
-    tl.store(out_ptr + n * stride_on + h * stride_oh + dims, o.to(out_ptr.dtype.element_ty))
+    dst = out_ptr + (n.to(tl.int64) * num_heads + h) * HEAD_DIM + dims
+    tl.store(dst, o.to(out_ptr.dtype.element_ty))
 
 
 @functools.lru_cache(maxsize=8)
@@ -146,18 +146,44 @@ def dot_flags(dtype: torch.dtype) -> dict[str, object]:
     }
 
 
-def choose_splits(num_seqs: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Enough (sequence, head, split) programs to fill the GPU, none shorter than the minimum."""
-    want = triton.cdiv(PROGRAMS_PER_SM * sm_count(device), num_seqs * num_kv_heads)
-    by_length = triton.cdiv(max(max_context, 1), MIN_KEYS_PER_SPLIT)
+def min_keys_per_split(device: torch.device) -> int:
+    return MIN_KEYS_PER_SPLIT if device.type == "cuda" else 16  # tiny splits in the interpreter
+
+
+def choose_splits(
+    programs: int, max_context: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM
+) -> int:
+    """Splits so that programs x splits fills the GPU, none shorter than the minimum."""
+    target = per_sm * sm_count(device)
+    if 2 * programs > target:  # already half full: a split's merge costs more than it gains
+        return 1
+    want = triton.cdiv(target, max(programs, 1))
+    by_length = triton.cdiv(max(max_context, 1), min_keys_per_split(device))
     return max(1, min(want, by_length, MAX_SPLITS))
 
 
-def _tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK_N, num_warps)."""
+def graph_splits(num_seqs: int, num_kv_heads: int, device: torch.device) -> int:
+    """A fixed split count for a captured decode graph: fills the GPU at any context length."""
+    return choose_splits(num_seqs * num_kv_heads, MAX_SPLITS * MIN_KEYS_PER_SPLIT, device)
+
+
+def _tiles(head_dim: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages)."""
     if dtype == torch.float32 or head_dim > 128:
-        return 32, 4
-    return 64, 4
+        return 32, 4, 2
+    return 64, 4, 2  # the best of BLOCK_N 32/64/128, 4/8 warps, 2-4 stages on an H200
+
+
+def split_workspace(splits: int, rows: int, num_heads: int, head_dim: int,
+                    device: torch.device) -> torch.Tensor:
+    """One fp32 buffer for the partial outputs and stats of ``split_slots``."""
+    return torch.empty(splits * rows * num_heads * (head_dim + 2), device=device,
+                       dtype=torch.float32)
+
+
+def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.stride() != v_cache.stride() or k_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must share one layout with a unit last stride")
 
 
 def paged_decode_attention(
@@ -173,42 +199,30 @@ def paged_decode_attention(
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
+    check_caches(k_cache, v_cache)
     if num_splits is None:
-        num_splits = choose_splits(num_seqs, num_kv_heads, max(meta.context_lens_list), q.device)
-    part_out = torch.empty(num_splits, num_seqs, num_heads, head_dim, device=q.device,
-                           dtype=torch.float32)
-    part_m = torch.empty(num_splits, num_seqs, num_heads, device=q.device, dtype=torch.float32)
-    part_l = torch.empty_like(part_m)
-    block_n, warps = _tiles(head_dim, q.dtype)
+        num_splits = choose_splits(num_seqs * num_kv_heads, max(meta.context_lens_list), q.device)
+    ws = split_workspace(num_splits, num_seqs, num_heads, head_dim, q.device)
+    block_n, warps, stages = _tiles(head_dim, q.dtype)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_out, part_m, part_l,
-        meta.context_lens, meta.block_tables,
+        q, k_cache, v_cache, ws, meta.context_lens, meta.block_tables,
         scale * LOG2E, sliding_window or 0,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0),
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_m.stride(0), part_m.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, MIN_CHUNK=min(MIN_KEYS_PER_SPLIT, 64),
+        BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n,
         HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=warps, num_stages=3,
+        num_warps=warps, num_stages=stages,
     )
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
-    combine_splits(part_out, part_m, part_l, out)
+    combine_splits(ws, num_splits, out)
     return out
 
 
-def combine_splits(
-    part_out: torch.Tensor, part_m: torch.Tensor, part_l: torch.Tensor, out: torch.Tensor
-) -> None:
-    """Merge [S, N, Hq, D] partial outputs and [S, N, Hq] stats into out [N, Hq, D]."""
-    num_splits, n, num_heads, head_dim = part_out.shape
-    combine_splits_kernel[(n, num_heads)](
-        part_out, part_m, part_l, out, num_splits,
-        part_out.stride(0), part_out.stride(1), part_out.stride(2),
-        part_m.stride(0), part_m.stride(1),
-        out.stride(0), out.stride(1),
+def combine_splits(ws: torch.Tensor, num_splits: int, out: torch.Tensor) -> None:
+    """Merge the workspace's splits into out [N, Hq, D] (contiguous)."""
+    n, num_heads, head_dim = out.shape
+    _combine_splits_kernel[(n, num_heads)](
+        ws, out, num_splits, n,
         HEAD_DIM=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits), num_warps=4,
     )

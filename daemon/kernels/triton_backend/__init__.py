@@ -1,0 +1,113 @@
+"""Triton kernels of our own: paged prefill and split-K decode attention, norms, RoPE, SwiGLU.
+
+Importing this package never fails; ``candidates()`` raises BackendUnavailable when triton is
+missing. The kernels run on CUDA (compute capability 8.0+), or on CPU tensors under
+TRITON_INTERPRET=1 (set before triton and these modules are imported), which is how the tests
+run them on machines without a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+
+import torch
+
+from livelm.daemon.kernels.candidates import BackendUnavailable, Candidate, Target
+
+BACKEND = "triton"
+DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_GROUP = 64  # query heads per kv head: one prefill tile packs the whole group
+MAX_NORM_DIM = 32768  # one row is held in registers
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _device_reason(t: Target) -> str | None:
+    if t.device.type == "cuda":
+        if t.capability is not None and t.capability < (8, 0):
+            return f"needs compute capability 8.0+, device has {t.capability[0]}.{t.capability[1]}"
+        return None
+    if t.device.type == "cpu" and _interpreting():
+        return None
+    return f"triton kernels need a CUDA device (or TRITON_INTERPRET=1 on the CPU), not {t.device.type}"
+
+
+def _dtype_reason(t: Target) -> str | None:
+    if t.dtype not in DTYPES:
+        return f"dtype {t.dtype} not supported (fp16, bf16, fp32 only)"
+    return None
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _attention_reason(t: Target) -> str | None:
+    if not _is_pow2(t.head_dim) or not 16 <= t.head_dim <= MAX_HEAD_DIM:
+        return f"head_dim {t.head_dim} is not a power of two in 16..{MAX_HEAD_DIM}"
+    if t.num_kv_heads <= 0 or t.num_heads % t.num_kv_heads:
+        return f"{t.num_heads} query heads do not split evenly over {t.num_kv_heads} kv heads"
+    if t.num_heads // t.num_kv_heads > MAX_GROUP:
+        return f"GQA group of {t.num_heads // t.num_kv_heads} heads exceeds {MAX_GROUP}"
+    if not _is_pow2(t.block_size):
+        return f"KV block_size {t.block_size} is not a power of two"
+    return None
+
+
+def _norm_reason(t: Target) -> str | None:
+    if t.hidden_size > MAX_NORM_DIM or t.head_dim > MAX_NORM_DIM:
+        return f"rows wider than {MAX_NORM_DIM} are not supported"
+    return None
+
+
+def _rope_reason(t: Target) -> str | None:
+    if t.head_dim % 2 or t.head_dim > 1024:
+        return f"head_dim {t.head_dim} must be even and at most 1024"
+    return None
+
+
+def _supports(*checks: Callable[[Target], str | None]) -> Callable[[Target], str | None]:
+    def supports(target: Target) -> str | None:
+        for check in (_device_reason, _dtype_reason, *checks):
+            reason = check(target)
+            if reason is not None:
+                return reason
+        return None
+
+    return supports
+
+
+def candidates() -> list[Candidate]:
+    if importlib.util.find_spec("triton") is None:
+        raise BackendUnavailable("triton is not installed")
+    try:
+        from livelm.daemon.kernels.triton_backend import (
+            norms,
+            paged_decode,
+            paged_prefill,
+            rope,
+            swiglu,
+        )
+    except ImportError as exc:  # triton present but broken (e.g. no matching driver/compiler)
+        raise BackendUnavailable(f"triton does not import: {exc}") from exc
+
+    def make(op: str, name: str, fn: Callable, *checks: Callable, graph_safe: bool = True):
+        return Candidate(op, BACKEND, f"triton.{name}", fn, _supports(*checks), graph_safe)
+
+    return [
+        # both grids depend only on the batch's row and sequence counts (fixed in a captured
+        # graph); the host lists only steer tile and split choices, which any replay survives
+        make("prefill_attention", "paged_prefill", paged_prefill.paged_prefill_attention,
+             _attention_reason),
+        make("decode_attention", "paged_decode_splitk", paged_decode.paged_decode_attention,
+             _attention_reason),
+        make("rms_norm", "rms_norm", norms.rms_norm, _norm_reason),
+        make("add_rms_norm", "add_rms_norm", norms.add_rms_norm, _norm_reason),
+        make("rope", "rope", rope.rope, _rope_reason),
+        make("swiglu", "swiglu", swiglu.swiglu),
+    ]

@@ -1,0 +1,50 @@
+"""On CUDA in float32, with the kernels the dispatcher binds there, sessions still answer
+exactly as transformers does over the same tokens (and as the CPU reference path)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from livelm.daemon.engine.engine import Engine
+from livelm.protocol.messages import GenerateRequest, InitRequest
+from tests.engine_harness import loaded, run_engine
+from tests.tiny_models import hf_greedy, hf_last_logits, make_tiny_checkpoint
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+PROMPT, QUESTION = "GPU feed.", "Where next?"
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "qwen3"])
+def folder(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_tiny_checkpoint(tmp_path_factory.mktemp(f"gpu-{request.param}"), request.param)
+
+
+def test_cuda_session_matches_transformers_and_cpu(folder: Path, tmp_path: Path) -> None:
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    entries = [f"px {i} {100 + 3 * i}" for i in range(40)]
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt=PROMPT, template="raw"))).session_id
+        out = []
+        for i in range(0, len(entries), 10):
+            await engine.push(sid, entries[i : i + 10])
+            handle = engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=6), capture_logits=True)
+            out.append((i + 10, await handle.result(), handle.first_logits))
+        return out
+
+    on_gpu = run_engine(loaded(folder, tmp_path, device="cuda"), scenario, max_batch_tokens=48)
+    on_cpu = run_engine(loaded(folder, tmp_path, device="cpu"), scenario, max_batch_tokens=48)
+    for (n, gpu, gpu_logits), (_, cpu, _) in zip(on_gpu, on_cpu, strict=True):
+        ids = tok(PROMPT)["input_ids"]
+        for e in entries[:n]:
+            ids += tok.encode(e + "\n", add_special_tokens=False)
+        ids += tok.encode(QUESTION, add_special_tokens=False)
+        ref = hf_last_logits(folder, ids)
+        assert ((gpu_logits - ref).norm() / ref.norm()).item() < 1e-4
+        assert gpu.tokens == cpu.tokens
+        assert gpu.tokens == hf_greedy(folder, ids, 6)[: len(gpu.tokens)]

@@ -1,0 +1,384 @@
+"""The Triton kernels against the torch reference.
+
+Without CUDA they run on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 must be set
+when the kernels are decorated, so this module imports (or re-imports) them with it set, and
+keeps it set only while its own tests run. With CUDA the same small cases run compiled, and the
+last section checks the real Llama-3.1-8B shapes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import types
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from livelm.daemon.kernels import torch_ref
+from livelm.daemon.kernels.attention_meta import AttentionMeta
+from livelm.daemon.kernels.candidates import Target
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+PACKAGE = "livelm.daemon.kernels.triton_backend"
+MODULES = ("paged_decode", "paged_prefill", "norms", "rope", "swiglu")  # dependency order
+
+
+@contextlib.contextmanager
+def _interpret_env(on: bool) -> Iterator[None]:
+    before = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def _import_kernels() -> types.SimpleNamespace:
+    """The kernel modules, interpreted on a CPU-only machine even if imported earlier compiled."""
+    with _interpret_env(not CUDA):
+        pytest.importorskip("triton")
+        mods = {name: importlib.import_module(f"{PACKAGE}.{name}") for name in MODULES}
+        if not CUDA and not mods["paged_decode"].is_interpreted():
+            for name in MODULES:
+                mods[name] = importlib.reload(mods[name])
+    return types.SimpleNamespace(**mods)
+
+
+K = _import_kernels()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_while_testing() -> Iterator[None]:
+    with _interpret_env(not CUDA):
+        yield
+
+
+class _PoisonedTorch(types.ModuleType):
+    """torch, except that fresh tensors come filled with NaN (or a huge int) to catch gaps."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan if t.is_floating_point() else 2**30)
+
+    def empty(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._poison(torch.empty_like(*args, **kwargs))
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    poisoned = _PoisonedTorch()
+    for name in MODULES:
+        monkeypatch.setattr(getattr(K, name), "torch", poisoned)
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    assert ours.shape == ref.shape and ours.dtype == ref.dtype
+    assert torch.isfinite(ours).all(), "an output element is not finite (never written?)"
+    return ((ours.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+
+
+TOL = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+# elementwise kernels round once per step like the reference; the interpreter truncates on its
+# fp32 -> bf16 casts (the GPU rounds to nearest even), so it only meets the looser bound
+POINTWISE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3 if CUDA else 1e-2}
+
+
+# ---- paged attention inputs -------------------------------------------------------------------
+def _paged_batch(
+    q_lens: list[int], ctx_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
+    block_size: int, dtype: torch.dtype, device: torch.device = DEVICE,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta]:
+    """Random q and cache; blocks scrambled; every cache slot outside a context holds NaN."""
+    per_seq = [-(-c // block_size) for c in ctx_lens]
+    num_blocks = sum(per_seq) + 3
+    shape = (num_blocks, block_size, num_kv_heads, head_dim)
+    k_cache = torch.full(shape, math.nan, dtype=dtype, device=device)
+    v_cache = torch.full(shape, math.nan, dtype=dtype, device=device)
+    order = torch.randperm(num_blocks - 1, device=device)  # the last block: table padding
+    pad = num_blocks - 1
+    table = torch.full((len(ctx_lens), max(per_seq) + 2), pad, dtype=torch.int32, device=device)
+    slots, used = [], 0
+    for b, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens, strict=True)):
+        blocks = order[used:used + per_seq[b]]
+        used += per_seq[b]
+        table[b, :per_seq[b]] = blocks.to(torch.int32)
+        pos = torch.arange(ctx, device=device)
+        flat = blocks[pos // block_size] * block_size + pos % block_size
+        for cache in (k_cache, v_cache):
+            cache.view(-1, num_kv_heads, head_dim)[flat] = torch.randn(
+                ctx, num_kv_heads, head_dim, device=device).to(dtype)
+        slots.append(flat[ctx - q_len:])
+    starts = [0]
+    for q_len in q_lens:
+        starts.append(starts[-1] + q_len)
+    meta = AttentionMeta(
+        slot_mapping=torch.cat(slots).long(),
+        query_starts=torch.tensor(starts, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
+        block_tables=table,
+        query_starts_list=starts,
+        context_lens_list=list(ctx_lens),
+        decode_only=all(n == 1 for n in q_lens),
+    )
+    q = torch.randn(starts[-1], num_heads, head_dim, device=device).to(dtype)
+    return q, k_cache, v_cache, meta
+
+
+PREFILL_CASES = [
+    # q_lens, ctx_lens, heads, kv heads, head_dim, block_size, window, splits
+    ([1, 7, 33], [1, 40, 90], 4, 4, 64, 16, None, None),
+    ([5, 1, 20], [70, 33, 20], 8, 2, 128, 8, 24, 1),
+    ([5, 1, 20], [70, 33, 20], 8, 2, 128, 8, 24, 3),
+    ([17, 3], [17, 130], 8, 2, 64, 16, None, 4),
+    ([40], [95], 4, 1, 64, 16, 30, None),
+    ([10, 64, 1], [300, 200, 150], 8, 2, 64, 16, 150, 2),  # window with fully visible tiles
+    ([150, 2], [160, 50], 2, 2, 64, 16, None, None),  # several query tiles per sequence
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"q{c[0]}-ctx{c[1]}-g{c[2] // c[3]}")
+def test_prefill_attention_matches_reference(case: tuple, dtype: torch.dtype) -> None:
+    q_lens, ctx_lens, hq, hk, d, bs, window, splits = case
+    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype)
+    scale = d**-0.5
+    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, scale, window, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
+    assert _rel(ours, ref) < TOL[dtype]
+
+
+DECODE_CASES = [
+    # ctx_lens, heads, kv heads, head_dim, block_size, window, splits
+    ([1, 17, 64, 100, 250], 4, 4, 64, 16, None, None),
+    ([1, 17, 64, 100, 250], 8, 2, 128, 8, None, 3),
+    ([9, 200, 31], 8, 2, 64, 16, 50, 8),
+    ([300], 8, 2, 64, 16, None, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"ctx{c[0]}-g{c[1] // c[2]}-s{c[6]}")
+def test_decode_attention_matches_reference(case: tuple, dtype: torch.dtype) -> None:
+    ctx_lens, hq, hk, d, bs, window, splits = case
+    q, kc, vc, meta = _paged_batch([1] * len(ctx_lens), ctx_lens, hq, hk, d, bs, dtype)
+    scale = d**-0.5
+    ours = K.paged_decode.paged_decode_attention(q, kc, vc, meta, scale, window, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
+    assert _rel(ours, ref) < TOL[dtype]
+
+
+def test_decode_fixed_splits_follow_device_lengths() -> None:
+    """A fixed grid (as captured in a graph) stays right when the lengths on the device change."""
+    q, kc, vc, meta = _paged_batch([1, 1], [150, 150], 8, 2, 64, 16, torch.float32)
+    for lens in ([150, 3], [40, 150]):
+        meta.context_lens.copy_(torch.tensor(lens, dtype=torch.int32))
+        meta.context_lens_list = lens
+        ours = K.paged_decode.paged_decode_attention(q, kc, vc, meta, 0.125, None, num_splits=4)
+        ref = torch_ref.paged_attention(q, kc, vc, meta, 0.125, None)
+        assert _rel(ours, ref) < 1e-4
+
+
+def test_prefill_needs_only_the_batch_shape_from_the_host() -> None:
+    """Replayed in a graph, the host lists are the capture's: only N and B may be relied on."""
+    q, kc, vc, meta = _paged_batch([15, 6], [15, 100], 8, 2, 64, 16, torch.float32)
+    stale = AttentionMeta(meta.slot_mapping, meta.query_starts, meta.context_lens,
+                          meta.block_tables, [0, 1, 21], [50, 70], False)
+    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, stale, 0.125, None)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 0.125, None)
+    assert _rel(ours, ref) < 1e-4
+
+
+def test_decode_splits_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    pd, cuda = K.paged_decode, torch.device("cuda")
+    monkeypatch.setattr(pd, "sm_count", lambda device: 132)
+    assert pd.choose_splits(8, 19_000, cuda) == pd.MAX_SPLITS  # one sequence: fill 132 SMs
+    assert pd.choose_splits(64 * 8, 4096, cuda) == 1  # 64 sequences fill it already
+    assert pd.choose_splits(16 * 8, 4096, cuda) == 5
+    assert pd.choose_splits(8, 300, cuda) == -(-300 // pd.MIN_KEYS_PER_SPLIT)  # no tiny splits
+    assert pd.choose_splits(8, 0, cuda) == 1
+
+
+# ---- norms, rope, swiglu ----------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_reference(dtype: torch.dtype) -> None:
+    x = torch.randn(7, 96, device=DEVICE).to(dtype)
+    w = torch.randn(96, device=DEVICE).to(dtype)
+    assert _rel(K.norms.rms_norm(x, w, 1e-5), torch_ref.rms_norm(x, w, 1e-5)) < POINTWISE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_over_heads_of_a_strided_view(dtype: torch.dtype) -> None:
+    fused = torch.randn(5, 3 * 4 * 32, device=DEVICE).to(dtype)
+    q = fused[:, 32:32 + 4 * 32].view(5, 4, 32)  # like q cut out of a qkv projection
+    w = torch.randn(32, device=DEVICE).to(dtype)
+    assert _rel(K.norms.rms_norm(q, w, 1e-6), torch_ref.rms_norm(q, w, 1e-6)) < POINTWISE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_add_rms_norm_matches_reference(dtype: torch.dtype) -> None:
+    x = torch.randn(2, 3, 200, device=DEVICE).to(dtype)
+    residual = torch.randn(2, 3, 200, device=DEVICE).to(dtype)
+    w = torch.randn(200, device=DEVICE).to(dtype)
+    normed, summed = K.norms.add_rms_norm(x, residual, w, 1e-5)
+    ref_normed, ref_summed = torch_ref.add_rms_norm(x, residual, w, 1e-5)
+    if CUDA or dtype == torch.float32:
+        assert torch.equal(summed, ref_summed)
+    assert _rel(summed, ref_summed) < POINTWISE_TOL[dtype]
+    assert _rel(normed, ref_normed) < POINTWISE_TOL[dtype]
+
+
+def _cos_sin(max_pos: int, dim: int) -> torch.Tensor:
+    inv = 1.0 / 10000 ** (torch.arange(0, dim, 2, device=DEVICE).float() / dim)
+    freqs = torch.arange(max_pos, device=DEVICE).float()[:, None] * inv[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return torch.stack((emb.cos(), emb.sin()), dim=1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hk,d", [(4, 4, 64), (8, 2, 128), (6, 2, 96)])
+def test_rope_matches_reference(dtype: torch.dtype, hq: int, hk: int, d: int) -> None:
+    n = 9
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=DEVICE).to(dtype)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
+    positions = torch.randperm(300, device=DEVICE)[:n]
+    table = _cos_sin(300, d)
+    q_out, k_out = K.rope.rope(q, k, positions, table)
+    q_ref, k_ref = torch_ref.rope(q, k, positions, table)
+    assert _rel(q_out, q_ref) < POINTWISE_TOL[dtype]
+    assert _rel(k_out, k_ref) < POINTWISE_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 2 * 1500), (2, 3, 2 * 40)])
+def test_swiglu_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x = (3 * torch.randn(*shape, device=DEVICE)).to(dtype)
+    assert _rel(K.swiglu.swiglu(x), torch_ref.swiglu(x)) < POINTWISE_TOL[dtype]
+
+
+# ---- candidates -------------------------------------------------------------------------------
+def _target(**overrides: object) -> Target:
+    fields = dict(device=DEVICE, capability=(9, 0) if CUDA else None, dtype=torch.bfloat16,
+                  num_heads=32, num_kv_heads=8, head_dim=128, hidden_size=4096, block_size=16,
+                  sliding_window=None, vocab_size=128256)
+    fields.update(overrides)
+    return Target(**fields)
+
+
+def test_candidates_cover_each_operation_and_explain_refusals() -> None:
+    from livelm.daemon.kernels.triton_backend import candidates
+
+    found = {c.operation: c for c in candidates()}
+    assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
+                          "rope", "swiglu"}
+    assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
+    decode = found["decode_attention"].supports
+    assert "head_dim" in decode(_target(head_dim=96))
+    assert "dtype" in decode(_target(dtype=torch.float64))
+    assert "block_size" in decode(_target(block_size=12))
+    with _interpret_env(False):
+        os.environ.pop("TRITON_INTERPRET", None)
+        assert "CUDA" in decode(_target(device=torch.device("cpu"), capability=None))
+
+
+def test_package_imports_without_triton(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from livelm.daemon.kernels import triton_backend
+    from livelm.daemon.kernels.candidates import BackendUnavailable
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "triton" else real(name, *a))
+    with pytest.raises(BackendUnavailable, match="triton is not installed"):
+        triton_backend.candidates()
+
+
+# ---- real Llama-3.1-8B shapes on the GPU ------------------------------------------------------
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+LLAMA = dict(num_heads=32, num_kv_heads=8, head_dim=128, block_size=16, dtype=torch.bfloat16)
+
+
+def _llama_batch(q_lens: list[int], ctx_lens: list[int]):
+    c = LLAMA
+    return _paged_batch(q_lens, ctx_lens, c["num_heads"], c["num_kv_heads"], c["head_dim"],
+                        c["block_size"], c["dtype"])
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("window", [None, 4096])
+def test_gpu_question_over_long_contexts(window: int | None) -> None:
+    q, kc, vc, meta = _llama_batch([32, 32, 32], [2600, 19_000, 32_768])
+    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, 128**-0.5, window)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, window)
+    assert _rel(ours, ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_ingest_chunk() -> None:
+    q, kc, vc, meta = _llama_batch([2048, 1, 300], [8192, 4000, 300])
+    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, 128**-0.5, None)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
+    assert _rel(ours, ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("splits", [None, 16])
+def test_gpu_decode_batch(splits: int | None) -> None:
+    ctx = [4096 - 37 * i for i in range(64)]
+    q, kc, vc, meta = _llama_batch([1] * 64, ctx)
+    ours = K.paged_decode.paged_decode_attention(q, kc, vc, meta, 128**-0.5, None, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
+    assert _rel(ours, ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_decode_long_contexts() -> None:
+    q, kc, vc, meta = _llama_batch([1, 1, 1], [2600, 19_000, 32_768])
+    ours = K.paged_decode.paged_decode_attention(q, kc, vc, meta, 128**-0.5, None)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
+    assert _rel(ours, ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_pointwise_kernels_at_model_shapes() -> None:
+    n, dt = 2048, torch.bfloat16
+    x = torch.randn(n, 4096, device=DEVICE, dtype=dt)
+    res = torch.randn(n, 4096, device=DEVICE, dtype=dt)
+    w = torch.randn(4096, device=DEVICE, dtype=dt)
+    assert _rel(K.norms.rms_norm(x, w, 1e-5), torch_ref.rms_norm(x, w, 1e-5)) < 1e-3
+    normed, summed = K.norms.add_rms_norm(x, res, w, 1e-5)
+    assert torch.equal(summed, torch_ref.add_rms_norm(x, res, w, 1e-5)[1])
+    assert _rel(normed, torch_ref.add_rms_norm(x, res, w, 1e-5)[0]) < 1e-3
+    qkv = torch.randn(n, 48 * 128, device=DEVICE, dtype=dt)
+    q, k = qkv[:, : 32 * 128].view(n, 32, 128), qkv[:, 32 * 128 : 40 * 128].view(n, 8, 128)
+    positions = torch.arange(5000, 5000 + n, device=DEVICE)
+    table = _cos_sin(131072, 128)
+    for ours, ref in zip(K.rope.rope(q, k, positions, table),
+                         torch_ref.rope(q, k, positions, table), strict=True):
+        assert _rel(ours, ref) < 1e-3
+    gate_up = torch.randn(n, 2 * 14336, device=DEVICE, dtype=dt)
+    assert _rel(K.swiglu.swiglu(gate_up), torch_ref.swiglu(gate_up)) < 1e-3
