@@ -57,6 +57,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     reprefill_queries: bool = False
     kernel_policy: str = ""  # a YAML kernel policy file (lock / allow / deny / prefer)
     kernel_tune: bool = False  # time candidate kernels on the model's shapes at startup (cached)
+    cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
+    graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
 
     def __post_init__(self) -> None:
         values = msgspec.structs.asdict(self)
@@ -292,6 +294,8 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "reprefill_queries": (lambda v: True, "true or false"),
     "kernel_policy": (lambda v: not v or Path(v).expanduser().is_file(), "a readable YAML file, or empty"),
     "kernel_tune": (lambda v: True, "true or false"),
+    "cuda_graphs": (lambda v: True, "true or false"),
+    "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
 }
 
 # settings compared case-insensitively (``INFO``, ``CUDA:1``)

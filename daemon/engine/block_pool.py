@@ -5,15 +5,19 @@ from __future__ import annotations
 from livelm.protocol.errors import InternalError
 
 
+SCRATCH_BLOCK = 0  # never handed out: padding rows of a captured batch write here
+
+
 class BlockPool:
     """Hands out block ids; a block returns to the free list when its last holder lets go."""
 
     def __init__(self, num_blocks: int) -> None:
-        if num_blocks < 1:
-            raise ValueError("the KV pool needs at least one block")
+        if num_blocks < 2:
+            raise ValueError("the KV pool needs at least two blocks (one is scratch)")
         self.num_blocks = num_blocks
         self._refs = [0] * num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+        self._refs[SCRATCH_BLOCK] = 1
+        self._free = list(range(num_blocks - 1, SCRATCH_BLOCK, -1))  # pop() hands out low ids first
 
     @property
     def num_free(self) -> int:

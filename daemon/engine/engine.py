@@ -19,6 +19,7 @@ from livelm.daemon.engine import records
 from livelm.daemon.engine.admission import BlockBudget
 from livelm.daemon.engine.block_pool import BlockPool
 from livelm.daemon.engine.formats import render_entry
+from livelm.daemon.engine.graphs import DecodeGraphs
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.layout import build_layout
@@ -62,20 +63,24 @@ class Engine:
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
             model.config, decoder.dtype, decoder.device, config.kv_memory_fraction
         )
-        num_blocks = max(kv_tokens // block_size, 2)
+        num_blocks = max(kv_tokens // block_size, 3)
         self.max_context = min(
             config.max_context_tokens or decoder.max_positions,
             decoder.max_positions,
-            (num_blocks - 2) * block_size,
+            (num_blocks - 3) * block_size,
         )
         self.default_window = config.default_window or self.max_context - min(
             self.max_context // 8, 4096
         )
         cache = KVCache(model.config, num_blocks, block_size, decoder.dtype, decoder.device)
-        self.budget = BlockBudget(num_blocks, block_size)
+        self.budget = BlockBudget(num_blocks - 1, block_size)  # less the scratch block
         self.ring = Ring(config.ring_words)
+        graphs = None
+        if config.cuda_graphs and decoder.device.type == "cuda":
+            graphs = DecodeGraphs(decoder, cache, self.max_context, config.graph_max_batch)
+            graphs.capture()
         self.worker = Worker(
-            ModelRunner(decoder, cache),
+            ModelRunner(decoder, cache, graphs),
             KVManager(BlockPool(num_blocks), cache),
             Scheduler(config.max_batch_tokens),
             self.ring,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from livelm.daemon.engine.batch import build_batch
+from livelm.daemon.engine.graphs import DecodeGraphs
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.sampling import SamplingParams, sampling_batch
 from livelm.daemon.engine.scheduler import Chunk
@@ -12,10 +13,11 @@ from livelm.daemon.model.decoder import LlamaDecoder
 
 
 class ModelRunner:
-    def __init__(self, decoder: LlamaDecoder, cache: KVCache) -> None:
+    def __init__(self, decoder: LlamaDecoder, cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
         self.decoder = decoder
         self.cache = cache
         self.device = decoder.device
+        self.graphs = graphs  # decode steps replay these when given
 
     @torch.inference_mode()
     def run(
@@ -25,6 +27,12 @@ class ModelRunner:
         generators: list[torch.Generator | None],
     ) -> tuple[list[int], torch.Tensor | None]:
         """Returns the sampled token of each sampling chunk, and their float32 logits."""
+        if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
+            ch.length == 1 and ch.sample for ch in chunks
+        ):
+            logits = self.graphs.run(chunks)
+            tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
+            return tokens.tolist(), logits
         batch = build_batch(chunks, self.cache.block_size, self.device)
         hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
         if not batch.sample_rows:
