@@ -59,6 +59,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kernel_tune: bool = False  # time candidate kernels on the model's shapes at startup (cached)
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
     graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
+    graph_max_question: int = 128  # the longest question prefill captured (0 = none)
 
     def __post_init__(self) -> None:
         values = msgspec.structs.asdict(self)
@@ -296,6 +297,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kernel_tune": (lambda v: True, "true or false"),
     "cuda_graphs": (lambda v: True, "true or false"),
     "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
+    "graph_max_question": (lambda v: 0 <= v <= 128, "from 0 to 128"),
 }
 
 # settings compared case-insensitively (``INFO``, ``CUDA:1``)

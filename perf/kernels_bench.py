@@ -1,9 +1,9 @@
 """Times each Triton kernel against the torch reference (and SDPA) at Llama-3.1-8B shapes.
 
-Medians from triton.testing.do_bench; decode attention also reports bytes moved and the
-bandwidth achieved against the device-copy floor, and its CUDA-graph time (what a captured
-decode step pays). A split sweep shows how the split count chosen for attention compares with
-the others. Needs CUDA.
+Medians from triton.testing.do_bench (eager: small kernels are bound by the host's launch
+cost there) and, for attention, do_bench_cudagraph (the GPU time a captured step pays; bytes
+moved, bandwidth against the device-copy floor and TFLOP/s are computed from it). A split
+sweep (graph times) shows how the chosen split count compares with the others. Needs CUDA.
 
     python perf/kernels_bench.py [--out FILE.json] [--no-sweep]
 """
@@ -131,13 +131,14 @@ def attention_case(name: str, q_lens: list[int], ctx_lens: list[int], decode: bo
         row["sdpa_ms"] = median_ms(sdpa_fn(q, kc, vc, meta))
     except RuntimeError as exc:  # a backend SDPA picks can refuse a shape (PERFORMANCE.md)
         row["sdpa_error"] = str(exc).splitlines()[0]
+    # rates from the graph time: small launches are host-bound when timed eagerly
+    row["triton_graph_ms"] = t = graph_ms(ours)
     kv_bytes = sum(ctx_lens) * HK * D * 2 * q.element_size()
     row["bytes"] = kv_bytes + 2 * q.numel() * q.element_size()
-    row["tb_per_s"] = row["bytes"] / (row["triton_ms"] * 1e-3) / 1e12
-    row["x_floor"] = row["triton_ms"] / (row["bytes"] / FLOOR_BYTES_PER_S * 1e3)
+    row["tb_per_s"] = row["bytes"] / (t * 1e-3) / 1e12
+    row["x_floor"] = t / (row["bytes"] / FLOOR_BYTES_PER_S * 1e3)
     pairs = sum(n * c - n * (n - 1) / 2 for n, c in zip(q_lens, ctx_lens, strict=True))
-    row["tflop_per_s"] = 4 * HQ * D * pairs / (row["triton_ms"] * 1e-3) / 1e12
-    row["triton_graph_ms"] = graph_ms(ours)  # kernel time without the host's launch cost
+    row["tflop_per_s"] = 4 * HQ * D * pairs / (t * 1e-3) / 1e12
     if decode:
         row["splits"] = paged_decode.choose_splits(meta.num_seqs * HK, max(ctx_lens), DEV)
     else:
@@ -150,7 +151,7 @@ def split_sweep(name: str, q_lens: list[int], ctx_lens: list[int], decode: bool)
     fn = paged_decode.paged_decode_attention if decode else paged_prefill.paged_prefill_attention
     times = {}
     for s in (1, 2, 4, 8, 16, 24, 32, 48, 64):
-        times[s] = median_ms(lambda s=s: fn(q, kc, vc, meta, D**-0.5, None, s))
+        times[s] = graph_ms(lambda s=s: fn(q, kc, vc, meta, D**-0.5, None, s))
     return {"case": name, "ms_by_splits": times}
 
 

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -72,11 +73,15 @@ class Bench:
         """Pushes records until the context holds target_tokens; returns (tokens, seconds)."""
         session = self.engine.sessions[sid]
         before = session.context_tokens
+        per_record = 40.0  # tokens per record, refined after each push
         start = time.perf_counter()
         while session.context_tokens < target_tokens:
-            rows = [record(self.next_record + i) for i in range(batch)]
-            self.next_record += batch
+            count = max(1, min(batch, int((target_tokens - session.context_tokens) / per_record)))
+            rows = [record(self.next_record + i) for i in range(count)]
+            self.next_record += count
+            grown = session.context_tokens
             await self.engine.push(sid, rows)
+            per_record = max(1.0, (session.context_tokens - grown) / count)
         await self.wait_ingested(sid)
         return session.context_tokens - before, time.perf_counter() - start
 
@@ -257,6 +262,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--session-answer", type=int, default=32)
     p.add_argument("--kv-cache-tokens", type=int, default=360_000)
     p.add_argument("--max-batch-tokens", type=int, default=4096)
+    p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-stateless", action="store_true")
     p.add_argument("--cache-dir", default=os.environ.get("LIVELM_HOME", "/tmp/livelm-cache"))
@@ -267,7 +273,8 @@ def parse_args() -> argparse.Namespace:
 def main() -> int:
     args = parse_args()
     config = Config(model=args.model, device="cuda", dtype=args.dtype, cache_dir=args.cache_dir,
-                    kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens)
+                    kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
+                    kernel_policy=args.kernel_policy)
     device, dtype = config.torch_device(), config.torch_dtype()
     ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)
@@ -280,7 +287,7 @@ def main() -> int:
     results["livelm"] = asyncio.run(engine_run(model, config, args, full=True))
     if not args.skip_stateless:
         print("livelm with state disabled (re-prefill every query):", flush=True)
-        stateless = dataclasses.replace(config, reprefill_queries=True)
+        stateless = msgspec.structs.replace(config, reprefill_queries=True)
         results["stateless"] = asyncio.run(engine_run(model, stateless, args, full=False))
     else:
         results["stateless"] = {"contexts": {}}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from livelm.protocol.errors import InternalError
 
-
 SCRATCH_BLOCK = 0  # never handed out: padding rows of a captured batch write here
 
 

@@ -19,7 +19,7 @@ from livelm.daemon.engine import records
 from livelm.daemon.engine.admission import BlockBudget
 from livelm.daemon.engine.block_pool import BlockPool
 from livelm.daemon.engine.formats import render_entry
-from livelm.daemon.engine.graphs import DecodeGraphs
+from livelm.daemon.engine.graphs import StepGraphs
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.layout import build_layout
@@ -77,7 +77,9 @@ class Engine:
         self.ring = Ring(config.ring_words)
         graphs = None
         if config.cuda_graphs and decoder.device.type == "cuda":
-            graphs = DecodeGraphs(decoder, cache, self.max_context, config.graph_max_batch)
+            graphs = StepGraphs(
+                decoder, cache, self.max_context, config.graph_max_batch, config.graph_max_question
+            )
             graphs.capture()
         self.worker = Worker(
             ModelRunner(decoder, cache, graphs),

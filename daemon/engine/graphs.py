@@ -1,8 +1,10 @@
-"""One decode step captured as CUDA graphs, one per bucketed batch size, replayed per step.
+"""Steps captured as CUDA graphs and replayed: decode batches (B sequences x 1 token) and short
+question prefills (1 sequence x L tokens), one graph per bucketed shape.
 
-Inputs live in static device buffers filled from pinned host buffers; rows past the real batch
-are padding that reads and writes only the pool's scratch block. Sampling runs outside the
-graph, on the captured logits.
+Inputs live in static device buffers filled from pinned host buffers. Rows past a chunk's
+real tokens, and sequences past the real batch, are padding: they write only the pool's
+scratch block and their results are never read. Sampling runs outside the graph, on the
+captured logits of each sequence's last real row.
 """
 
 from __future__ import annotations
@@ -16,87 +18,108 @@ from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.model.decoder import LlamaDecoder
 from livelm.daemon.progress import Progress
 
-BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+PREFILL_BUCKETS = (8, 16, 32, 48, 64, 96, 128)
+
+Shape = tuple[int, int]  # (sequences, rows per sequence)
 
 
-class DecodeGraphs:
-    def __init__(self, decoder: LlamaDecoder, cache: KVCache, max_context: int, max_batch: int) -> None:
+class StepGraphs:
+    def __init__(
+        self, decoder: LlamaDecoder, cache: KVCache, max_context: int, max_batch: int, max_question: int
+    ) -> None:
         self.decoder, self.cache, self.max_context = decoder, cache, max_context
-        self.buckets = [b for b in BUCKETS if b <= max_batch] or [1]
-        rows, dev = self.buckets[-1], decoder.device
-        self.width = -(-max_context // cache.block_size) + 1
+        self.decode_sizes = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
+        self.prefill_sizes = [n for n in PREFILL_BUCKETS if n <= max_question]
+        seqs, rows = self.decode_sizes[-1], max(self.decode_sizes[-1], max(self.prefill_sizes, default=1))
+        self.width = -(-(max_context + rows) // cache.block_size) + 1
+        dev = decoder.device
         self._dev = {
             "ids": torch.zeros(rows, dtype=torch.int64, device=dev),
             "pos": torch.zeros(rows, dtype=torch.int64, device=dev),
             "slots": torch.zeros(rows, dtype=torch.int64, device=dev),
-            "ctx": torch.ones(rows, dtype=torch.int32, device=dev),
-            "tables": torch.zeros(rows, self.width, dtype=torch.int32, device=dev),
+            "last": torch.zeros(seqs, dtype=torch.int64, device=dev),
+            "ctx": torch.ones(seqs, dtype=torch.int32, device=dev),
+            "tables": torch.zeros(seqs, self.width, dtype=torch.int32, device=dev),
         }
         self._host = {k: torch.zeros_like(v, device="cpu").pin_memory() for k, v in self._dev.items()}
-        self._starts = torch.arange(rows + 1, dtype=torch.int32, device=dev)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @property
-    def max_batch(self) -> int:
-        return self.buckets[-1]
+    def shapes(self) -> list[Shape]:
+        return [(1, n) for n in self.prefill_sizes] + [(b, 1) for b in self.decode_sizes]
 
     def capture(self, progress: bool = True) -> None:
         pool = None
-        with torch.inference_mode(), Progress(len(self.buckets), "capturing decode graphs", enabled=progress) as bar:
-            for rows in reversed(self.buckets):  # largest first: the others fit in its pool
-                self._forward(rows)  # compiles and warms every kernel outside the capture
+        shapes = sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True)  # largest first
+        with torch.inference_mode(), Progress(len(shapes), "capturing CUDA graphs", enabled=progress) as bar:
+            for shape in shapes:
+                self._forward(*shape)  # compiles and warms every kernel outside the capture
                 torch.cuda.synchronize(self.decoder.device)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(rows)
+                    logits = self._forward(*shape)
                 pool = graph.pool()
-                self._graphs[rows] = (graph, logits)
+                self._graphs[shape] = (graph, logits)
                 bar.update(1)
 
-    def _forward(self, rows: int) -> torch.Tensor:
-        d = self._dev
+    def shape_for(self, chunks: list[Chunk]) -> Shape | None:
+        """The captured shape that can run this step, if any."""
+        if not all(ch.sample for ch in chunks):
+            return None
+        if all(ch.length == 1 for ch in chunks):
+            return next(((b, 1) for b in self.decode_sizes if b >= len(chunks)), None)
+        if len(chunks) == 1:
+            return next(((1, n) for n in self.prefill_sizes if n >= chunks[0].length), None)
+        return None
+
+    def run(self, chunks: list[Chunk], shape: Shape) -> torch.Tensor:
+        """Logits [len(chunks), vocab] of each chunk's last token."""
+        width = self._fill(chunks, *shape)
+        seqs, per_seq = shape
+        for key, dev in self._dev.items():
+            src, n = self._host[key], (seqs if key in ("last", "ctx", "tables") else seqs * per_seq)
+            if key == "tables":
+                dev[:n, :width].copy_(src[:n, :width], non_blocking=True)
+            else:
+                dev[:n].copy_(src[:n], non_blocking=True)
+        graph, logits = self._graphs[shape]
+        graph.replay()
+        return logits[: len(chunks)]
+
+    def _forward(self, seqs: int, per_seq: int) -> torch.Tensor:
+        d, rows = self._dev, seqs * per_seq
         meta = AttentionMeta(
             slot_mapping=d["slots"][:rows],
-            query_starts=self._starts[: rows + 1],
-            context_lens=d["ctx"][:rows],
-            block_tables=d["tables"][:rows],
-            query_starts_list=list(range(rows + 1)),
-            context_lens_list=[self.max_context] * rows,  # sizes the kernels' grids for any context
-            decode_only=True,
+            query_starts=torch.arange(0, rows + 1, per_seq, dtype=torch.int32, device=d["ctx"].device),
+            context_lens=d["ctx"][:seqs],
+            block_tables=d["tables"][:seqs],
+            query_starts_list=list(range(0, rows + 1, per_seq)),
+            context_lens_list=[self.max_context] * seqs,  # sizes the kernels' grids for any context
+            decode_only=per_seq == 1,
         )
         hidden = self.decoder(d["ids"][:rows], d["pos"][:rows], meta, self.cache.layers)
-        return self.decoder.logits(hidden).float()
+        return self.decoder.logits(hidden.index_select(0, d["last"][:seqs])).float()
 
-    def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Logits [len(chunks), vocab] of one decode token per chunk."""
-        n = len(chunks)
-        rows = next(b for b in self.buckets if b >= n)
-        width = self._fill(chunks, n, rows)
-        for key, dev in self._dev.items():
-            src = self._host[key]
-            if key == "tables":
-                dev[:rows, :width].copy_(src[:rows, :width], non_blocking=True)
-            else:
-                dev[:rows].copy_(src[:rows], non_blocking=True)
-        graph, logits = self._graphs[rows]
-        graph.replay()
-        return logits[:n]
-
-    def _fill(self, chunks: list[Chunk], n: int, rows: int) -> int:
+    def _fill(self, chunks: list[Chunk], seqs: int, per_seq: int) -> int:
         h = {k: v.numpy() for k, v in self._host.items()}
-        bs = self.cache.block_size
-        width = 1
-        for i, ch in enumerate(chunks):
-            table, pos = ch.seq.block_table, ch.start
-            h["ids"][i] = ch.seq.token_slice(pos, 1)[0]
-            h["pos"][i] = pos
-            h["slots"][i] = table[pos // bs] * bs + pos % bs
-            h["ctx"][i] = pos + 1
-            h["tables"][i, : len(table)] = table
+        bs, width = self.cache.block_size, 1
+        h["slots"][: seqs * per_seq] = SCRATCH_BLOCK * bs  # padding rows write to scratch
+        h["ids"][: seqs * per_seq] = 0
+        for b, ch in enumerate(chunks):
+            table, row = ch.seq.block_table, b * per_seq
+            span = range(ch.start, ch.start + ch.length)
+            h["ids"][row : row + ch.length] = ch.seq.token_slice(ch.start, ch.length)
+            h["pos"][row : row + per_seq] = ch.start  # padding rows: any position in the table
+            h["pos"][row : row + ch.length] = span
+            h["slots"][row : row + ch.length] = [table[p // bs] * bs + p % bs for p in span]
+            h["last"][b] = row + ch.length - 1
+            h["ctx"][b] = ch.start + per_seq  # real rows sit at their true positions
+            h["tables"][b, : len(table)] = table
             width = max(width, len(table))
-        h["ids"][n:rows] = 0
-        h["pos"][n:rows] = 0
-        h["slots"][n:rows] = SCRATCH_BLOCK * bs
-        h["ctx"][n:rows] = 1
-        h["tables"][n:rows, 0] = SCRATCH_BLOCK
-        return width
+        for b in range(len(chunks), seqs):  # padding sequences live in the scratch block
+            h["pos"][b * per_seq : (b + 1) * per_seq] = range(per_seq)
+            h["last"][b] = b * per_seq
+            h["ctx"][b] = per_seq
+            h["tables"][b, : -(-per_seq // bs)] = SCRATCH_BLOCK
+        return max(width, -(-per_seq // bs))

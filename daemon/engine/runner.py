@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from livelm.daemon.engine.batch import build_batch
-from livelm.daemon.engine.graphs import DecodeGraphs
+from livelm.daemon.engine.graphs import StepGraphs
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.sampling import SamplingParams, sampling_batch
 from livelm.daemon.engine.scheduler import Chunk
@@ -13,11 +13,11 @@ from livelm.daemon.model.decoder import LlamaDecoder
 
 
 class ModelRunner:
-    def __init__(self, decoder: LlamaDecoder, cache: KVCache, graphs: DecodeGraphs | None = None) -> None:
+    def __init__(self, decoder: LlamaDecoder, cache: KVCache, graphs: StepGraphs | None = None) -> None:
         self.decoder = decoder
         self.cache = cache
         self.device = decoder.device
-        self.graphs = graphs  # decode steps replay these when given
+        self.graphs = graphs  # steps of a captured shape replay these
 
     @torch.inference_mode()
     def run(
@@ -27,10 +27,9 @@ class ModelRunner:
         generators: list[torch.Generator | None],
     ) -> tuple[list[int], torch.Tensor | None]:
         """Returns the sampled token of each sampling chunk, and their float32 logits."""
-        if self.graphs is not None and len(chunks) <= self.graphs.max_batch and all(
-            ch.length == 1 and ch.sample for ch in chunks
-        ):
-            logits = self.graphs.run(chunks)
+        shape = self.graphs.shape_for(chunks) if self.graphs is not None else None
+        if shape is not None:
+            logits = self.graphs.run(chunks, shape)
             tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
             return tokens.tolist(), logits
         batch = build_batch(chunks, self.cache.block_size, self.device)

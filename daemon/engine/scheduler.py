@@ -1,7 +1,10 @@
-"""Chooses what one worker step computes: decode tokens first, then a budget of prefill.
+"""Chooses what one worker step computes.
 
-Order within the prefill budget: question tokens (latency), then pending session data
-(throughput), with sessions that have queries waiting on them first.
+Priorities: questions first (latency): when any query has question tokens to prefill, the step
+holds only those, so a short question runs alone and can replay its captured graph. Otherwise
+live answers decode together; session data is ingested in the remaining steps, alternating
+with decode steps (at a quarter of the budget) while answers are being generated. Sessions
+that queries are waiting on are ingested first.
 """
 
 from __future__ import annotations
@@ -24,20 +27,35 @@ class Scheduler:
         self.max_batch_tokens = max_batch_tokens
         self.max_decode_seqs = max_decode_seqs
         self._rotation = 0
+        self._data_turn = False
 
     def plan(
         self, sessions: list[SessionState], queries: list[QueryState], awaited: set[int]
     ) -> list[Chunk]:
         """``awaited``: slots of sessions that waiting queries need ingested first."""
-        chunks = [Chunk(q, q.num_computed, 1, True) for q in queries if q.phase is Phase.DECODE][
-            : self.max_decode_seqs
-        ]
-        budget = self.max_batch_tokens - len(chunks)
+        questions = self._questions(queries)
+        if questions:
+            return questions
+        decode = [Chunk(q, q.num_computed, 1, True) for q in queries if q.phase is Phase.DECODE]
+        decode = decode[: self.max_decode_seqs]
+        data_budget = self.max_batch_tokens if not decode else self.max_batch_tokens // 4
+        self._data_turn = not self._data_turn
+        if decode and not self._data_turn:
+            return decode
+        data = self._data(sessions, awaited, data_budget)
+        return data or decode
+
+    def _questions(self, queries: list[QueryState]) -> list[Chunk]:
+        chunks, budget = [], self.max_batch_tokens
         for q in queries:
             if q.phase is Phase.PREFILL and budget > 0:
                 n = min(q.pending, budget)
                 chunks.append(Chunk(q, q.num_computed, n, n == q.pending))
                 budget -= n
+        return chunks
+
+    def _data(self, sessions: list[SessionState], awaited: set[int], budget: int) -> list[Chunk]:
+        chunks = []
         for s in self._data_order(sessions, awaited):
             if budget <= 0:
                 break

@@ -200,6 +200,8 @@ def paged_decode_attention(
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     check_caches(k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     if num_seqs == 0:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if num_splits is None:

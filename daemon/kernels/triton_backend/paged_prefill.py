@@ -220,6 +220,8 @@ def paged_prefill_attention(
     """
     n, num_heads, head_dim = q.shape
     check_caches(k_cache, v_cache)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
     if n == 0:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     plan = _plan(q, k_cache, meta)
