@@ -64,10 +64,9 @@ class StepGraphs:
                 bar.update(1)
 
     def shape_for(self, chunks: list[Chunk]) -> Shape | None:
-        """The captured shape that can run this step, if any."""
-        if not all(ch.sample for ch in chunks):
-            return None
-        if all(ch.length == 1 for ch in chunks):
+        """The captured shape that can run this step, if any: a batch of decode tokens, or one
+        short chunk (a question, or a little session data)."""
+        if all(ch.length == 1 and ch.sample for ch in chunks):
             return next(((b, 1) for b in self.decode_sizes if b >= len(chunks)), None)
         if len(chunks) == 1:
             return next(((1, n) for n in self.prefill_sizes if n >= chunks[0].length), None)

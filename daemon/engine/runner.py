@@ -29,7 +29,12 @@ class ModelRunner:
         """Returns the sampled token of each sampling chunk, and their float32 logits."""
         shape = self.graphs.shape_for(chunks) if self.graphs is not None else None
         if shape is not None:
-            logits = self.graphs.run(chunks, shape)
+            last_rows = self.graphs.run(chunks, shape)  # logits of every chunk's last token
+            if not params:
+                return [], None
+            logits = last_rows if len(params) == len(chunks) else last_rows[[
+                i for i, ch in enumerate(chunks) if ch.sample
+            ]]
             tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
             return tokens.tolist(), logits
         batch = build_batch(chunks, self.cache.block_size, self.device)
