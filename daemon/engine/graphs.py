@@ -43,6 +43,8 @@ class StepGraphs:
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32, device=dev),
         }
         self._host = {k: torch.zeros_like(v, device="cpu").pin_memory() for k, v in self._dev.items()}
+        # the staging buffers may be refilled only once the last step's copies have read them
+        self._copied = torch.cuda.Event()
         self._graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
 
     @property
@@ -74,6 +76,7 @@ class StepGraphs:
 
     def run(self, chunks: list[Chunk], shape: Shape) -> torch.Tensor:
         """Logits [len(chunks), vocab] of each chunk's last token."""
+        self._copied.synchronize()
         width = self._fill(chunks, *shape)
         seqs, per_seq = shape
         for key, dev in self._dev.items():
@@ -82,6 +85,7 @@ class StepGraphs:
                 dev[:n, :width].copy_(src[:n, :width], non_blocking=True)
             else:
                 dev[:n].copy_(src[:n], non_blocking=True)
+        self._copied.record()
         graph, logits = self._graphs[shape]
         graph.replay()
         return logits[: len(chunks)]

@@ -31,6 +31,7 @@ class ModelRunner:
         if shape is not None:
             last_rows = self.graphs.run(chunks, shape)  # logits of every chunk's last token
             if not params:
+                torch.cuda.synchronize(self.device)  # progress is reported for finished work only
                 return [], None
             logits = last_rows if len(params) == len(chunks) else last_rows[[
                 i for i, ch in enumerate(chunks) if ch.sample
@@ -40,6 +41,8 @@ class ModelRunner:
         batch = build_batch(chunks, self.cache.block_size, self.device)
         hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
         if not batch.sample_rows:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # progress is reported for finished work only
             return [], None
         rows = torch.tensor(batch.sample_rows, dtype=torch.int64, device=self.device)
         logits = self.decoder.logits(hidden.index_select(0, rows)).float()
