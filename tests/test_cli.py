@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from livelm.daemon.cli import SERVE_FLAGS, build_parser, main
+from livelm.daemon.cli import build_parser, main
+from livelm.daemon.cli_config import CONFIG_FLAGS
 
 
 def livelm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
@@ -26,7 +27,7 @@ def livelm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
 def test_serve_help_lists_every_flag() -> None:
     result = livelm("serve", "--help")
     assert result.returncode == 0
-    for flag in [*SERVE_FLAGS, "--config"]:
+    for flag in [*CONFIG_FLAGS, "--config"]:
         assert flag in result.stdout
     assert "PATH|random:NAME|demo" in result.stdout
 

@@ -13,10 +13,11 @@ This module imports torch only when the command runs, so registering it costs ``
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
+
+from livelm.daemon.cli_config import add_config_arguments, config_from_args
 
 if TYPE_CHECKING:
     from livelm.daemon.kernels.candidates import Target
@@ -24,14 +25,7 @@ if TYPE_CHECKING:
 
 EXIT_OK, EXIT_CONFIG, EXIT_MODEL = 0, 2, 3
 
-# flag -> (metavar, help); each is a Config field, as in ``livelm serve``
-CONFIG_FLAGS: dict[str, tuple[str, str]] = {
-    "--model": ("PATH|random:NAME|demo", "model folder, synthetic preset, or the built-in demo"),
-    "--device": ("DEVICE", "auto, cpu, cuda or cuda:N (default auto)"),
-    "--dtype": ("DTYPE", "auto, float32, bfloat16 or float16 (default auto)"),
-    "--block-size": ("N", "tokens per KV block (default 16)"),
-    "--cache-dir": ("DIR", "model cache, and where kernel timings are kept"),
-}
+KERNEL_FLAGS = ("--model", "--device", "--dtype", "--block-size", "--cache-dir")
 
 
 def add_kernels_parser(commands: argparse._SubParsersAction) -> None:
@@ -40,14 +34,7 @@ def add_kernels_parser(commands: argparse._SubParsersAction) -> None:
         help="show which kernel each operation would use, and why",
         description="Resolve the kernels for a model's shapes on this machine and print the table.",
     )
-    parser.add_argument(
-        "--config",
-        metavar="FILE.yaml",
-        default=os.environ.get("LIVELM_CONFIG"),
-        help="YAML file of daemon settings (default $LIVELM_CONFIG)",
-    )
-    for flag, (metavar, help_text) in CONFIG_FLAGS.items():
-        parser.add_argument(flag, metavar=metavar, help=help_text, default=argparse.SUPPRESS)
+    add_config_arguments(parser, KERNEL_FLAGS)
     parser.add_argument(
         "--policy",
         "--kernel-policy",
@@ -69,14 +56,12 @@ def add_kernels_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def kernels_main(args: argparse.Namespace) -> int:
-    from livelm.daemon.config import FIELD_NAMES, load_config
     from livelm.daemon.kernels.startup import bind_kernels
     from livelm.daemon.model.loader import model_config_for
     from livelm.protocol.errors import ConfigError, ModelLoadError
 
-    overrides = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
     try:
-        config = load_config(overrides, args.config, os.environ)
+        config = config_from_args(args)
         binding = bind_kernels(config, model_config_for(config.model, config.cache_path()))
     except ModelLoadError as exc:
         print(f"livelm kernels: cannot read the model's config: {exc}", file=sys.stderr)
