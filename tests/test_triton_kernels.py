@@ -268,6 +268,32 @@ def test_rope_matches_reference(dtype: torch.dtype, hq: int, hk: int, d: int) ->
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hq,hk,d,block", [(4, 4, 64, 4), (8, 2, 128, 16)])
+def test_rope_store_kv_writes_slots_like_reference(
+    dtype: torch.dtype, hq: int, hk: int, d: int, block: int
+) -> None:
+    n, blocks = 9, 8
+    qkv = torch.randn(n, (hq + 2 * hk) * d, device=DEVICE).to(dtype)
+    q = qkv[:, : hq * d].view(n, hq, d)
+    k = qkv[:, hq * d : (hq + hk) * d].view(n, hk, d)
+    v = qkv[:, (hq + hk) * d :].view(n, hk, d)
+    positions = torch.randperm(300, device=DEVICE)[:n]
+    slots = torch.randperm(blocks * block, device=DEVICE)[:n]
+    table = _cos_sin(300, d)
+    caches = [torch.randn(blocks, block, hk, d, device=DEVICE).to(dtype) for _ in range(2)]
+    ref_caches = [c.clone() for c in caches]
+    q_out = K.rope.rope_store_kv(q, k, v, positions, table, *caches, slots)
+    q_ref = torch_ref.rope_store_kv(q, k, v, positions, table, *ref_caches, slots)
+    assert _rel(q_out, q_ref) < POINTWISE_TOL[dtype]
+    assert _rel(caches[0], ref_caches[0]) < POINTWISE_TOL[dtype]
+    assert torch.equal(caches[1], ref_caches[1])  # v is copied, not computed
+    untouched = torch.ones(blocks * block, dtype=torch.bool, device=DEVICE)
+    untouched[slots] = False
+    k_flat, k_ref_flat = caches[0].view(-1, hk, d), ref_caches[0].view(-1, hk, d)
+    assert torch.equal(k_flat[untouched], k_ref_flat[untouched])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(6, 2 * 1500), (2, 3, 2 * 40)])
 def test_swiglu_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
     x = (3 * torch.randn(*shape, device=DEVICE)).to(dtype)
@@ -288,7 +314,7 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
 
     found = {c.operation: c for c in candidates()}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
-                          "rope", "swiglu"}
+                          "rope", "rope_store_kv", "swiglu"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
     decode = found["decode_attention"].supports
     assert "head_dim" in decode(_target(head_dim=96))

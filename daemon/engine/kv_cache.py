@@ -29,7 +29,11 @@ def auto_kv_tokens(
 
 
 class KVCache:
-    """Per layer, K and V of shape [num_blocks, block_size, kv_heads, head_dim]."""
+    """Per layer, K and V of shape [num_blocks, block_size, kv_heads, head_dim].
+
+    All of them are views of one tensor [layers, 2, blocks, ...], so copying a block for every
+    layer at once is a single kernel (a fork's partial block, copy-on-write).
+    """
 
     def __init__(
         self,
@@ -42,15 +46,8 @@ class KVCache:
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
-        self.layers = [
-            (
-                torch.zeros(shape, dtype=dtype, device=device),
-                torch.zeros(shape, dtype=dtype, device=device),
-            )
-            for _ in range(config.num_layers)
-        ]
+        self.storage = torch.zeros((config.num_layers, 2, *shape), dtype=dtype, device=device)
+        self.layers = [(layer[0], layer[1]) for layer in self.storage]
 
     def copy_block(self, src: int, dst: int) -> None:
-        for k, v in self.layers:
-            k[dst].copy_(k[src])
-            v[dst].copy_(v[src])
+        self.storage[:, :, dst].copy_(self.storage[:, :, src])

@@ -35,7 +35,8 @@ Verify = Callable[[Any], str | None]  # the kernel's output -> why it is wrong, 
 class Case:
     label: str
     args: tuple[Any, ...]
-    verify: Verify
+    verify: Verify  # gets the output, or (output, *written arguments) when ``writes`` is set
+    writes: tuple[int, ...] = ()  # arguments the operation is meant to write into
 
 
 def tolerance(dtype: torch.dtype) -> float:
@@ -53,9 +54,9 @@ def run_case(fn: Callable, case: Case) -> str | None:
     if _device_of(case.args).type == "cuda":
         torch.cuda.synchronize()
     for i, (before, after) in enumerate(zip(case.args, args, strict=True)):
-        if isinstance(before, torch.Tensor) and not _same(before, after):
+        if i not in case.writes and isinstance(before, torch.Tensor) and not _same(before, after):
             return f"{case.label}: modified its input argument {i}"
-    reason = case.verify(out)
+    reason = case.verify((out, *(args[i] for i in case.writes)) if case.writes else out)
     return None if reason is None else f"{case.label}: {reason}"
 
 
@@ -153,6 +154,43 @@ def _rope_cases(target: Target, gen: torch.Generator) -> list[Case]:
     cos_sin = _cos_sin(t.head_dim, t.device)
     expected = torch_ref.rope(q.float(), k.float(), positions, cos_sin)
     return [Case("strided q/k", (q, k, positions, cos_sin), _close_all(expected, t.dtype))]
+
+
+def _rope_store_kv_cases(target: Target, gen: torch.Generator) -> list[Case]:
+    """Strided q/k/v views of a fused projection; caches full of NaN except the written slots,
+    which must then hold the reference's k and v (other slots stay untouched)."""
+    t = target
+    q_size, kv_size = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
+    qkv = _randn(gen, t, ROWS, q_size + 2 * kv_size)
+    q = qkv[:, :q_size].view(ROWS, t.num_heads, t.head_dim)
+    k = qkv[:, q_size : q_size + kv_size].view(ROWS, t.num_kv_heads, t.head_dim)
+    v = qkv[:, q_size + kv_size :].view(ROWS, t.num_kv_heads, t.head_dim)
+    positions = torch.randint(ROPE_POSITIONS, (ROWS,), generator=gen, device=t.device)
+    cos_sin = _cos_sin(t.head_dim, t.device)
+    blocks = 2 * (-(-ROWS // t.block_size)) + 1
+    shape = (blocks, t.block_size, t.num_kv_heads, t.head_dim)
+    k_cache = torch.full(shape, float("nan"), device=t.device, dtype=t.dtype)
+    v_cache = torch.full(shape, float("nan"), device=t.device, dtype=t.dtype)
+    slots = torch.randperm(blocks * t.block_size, generator=gen, device=t.device)[:ROWS]
+    q_ref, k_ref = torch_ref.rope(q.float(), k.float(), positions, cos_sin)
+    args = (q, k, v, positions, cos_sin, k_cache, v_cache, slots)
+
+    def verify(got: Any) -> str | None:
+        q_out, k_written, v_written = got
+        rest = torch.ones(blocks * t.block_size, dtype=torch.bool, device=t.device)
+        rest[slots] = False
+        for label, cache in (("k_cache", k_written), ("v_cache", v_written)):
+            if not bool(cache.view(-1, t.num_kv_heads, t.head_dim)[rest].isnan().all()):
+                return f"{label}: wrote outside the given slots"
+        checks = ((q_out, q_ref), (k_written.view(-1, t.num_kv_heads, t.head_dim)[slots], k_ref),
+                  (v_written.view(-1, t.num_kv_heads, t.head_dim)[slots], v.float()))
+        for name, (value, expected) in zip(("q", "k", "v"), checks, strict=True):
+            reason = close(value, expected, t.dtype)
+            if reason is not None:
+                return f"{name}: {reason}"
+        return None
+
+    return [Case("strided q/k/v into scrambled slots", args, verify, writes=(5, 6))]
 
 
 def _cos_sin(head_dim: int, device: torch.device) -> torch.Tensor:
@@ -390,6 +428,7 @@ _BUILDERS: dict[str, Callable[[Target, torch.Generator], list[Case]]] = {
     "rms_norm": _rms_norm_cases,
     "add_rms_norm": _add_rms_norm_cases,
     "rope": _rope_cases,
+    "rope_store_kv": _rope_store_kv_cases,
     "swiglu": _swiglu_cases,
     "sample": _sample_cases,
 }

@@ -16,6 +16,7 @@ OPERATIONS = (
     "rms_norm",
     "add_rms_norm",
     "rope",
+    "rope_store_kv",
     "swiglu",
     "prefill_attention",
     "decode_attention",
@@ -41,6 +42,23 @@ class Rope(Protocol):
     def __call__(
         self, q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class RopeStoreKV(Protocol):
+    """Rotates q [N, Hq, D] and k [N, Hk, D] like ``Rope``, writes the rotated k and v [N, Hk, D]
+    into the paged caches at ``slot_mapping`` (one slot per row) and returns the rotated q."""
+
+    def __call__(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        positions: torch.Tensor,
+        cos_sin: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        slot_mapping: torch.Tensor,
+    ) -> torch.Tensor: ...
 
 
 class SwiGlu(Protocol):
@@ -85,6 +103,7 @@ class Kernels:
     rms_norm: RmsNorm
     add_rms_norm: AddRmsNorm
     rope: Rope
+    rope_store_kv: RopeStoreKV
     swiglu: SwiGlu
     prefill_attention: PagedAttention
     decode_attention: PagedAttention

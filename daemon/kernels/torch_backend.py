@@ -66,6 +66,7 @@ def _reference_candidates() -> list[Candidate]:
         ref("rms_norm", torch_ref.rms_norm, "rms_norm", True),
         ref("add_rms_norm", torch_ref.add_rms_norm, "add_rms_norm", True),
         ref("rope", torch_ref.rope, "rope", True),
+        ref("rope_store_kv", torch_ref.rope_store_kv, "rope_store_kv", True),
         ref("swiglu", torch_ref.swiglu, "swiglu", True),
         ref("prefill_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("decode_attention", torch_ref.paged_attention, "paged_attention", False),

@@ -40,6 +40,23 @@ def rope(
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+def rope_store_kv(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    positions: torch.Tensor,
+    cos_sin: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> torch.Tensor:
+    q, k = rope(q, k, positions, cos_sin)
+    heads, dim = k_cache.shape[-2:]
+    k_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, k.to(k_cache.dtype))
+    v_cache.view(-1, heads, dim).index_copy_(0, slot_mapping, v.to(v_cache.dtype))
+    return q
+
+
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     gate, up = gate_up.chunk(2, dim=-1)
     return F.silu(gate) * up
@@ -119,6 +136,7 @@ REFERENCE = Kernels(
     rms_norm=rms_norm,
     add_rms_norm=add_rms_norm,
     rope=rope,
+    rope_store_kv=rope_store_kv,
     swiglu=swiglu,
     prefill_attention=paged_attention,
     decode_attention=paged_attention,

@@ -78,6 +78,15 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
         positions = torch.arange(TOKENS, device=t.device)
         table = torch.randn(TOKENS, 2, t.head_dim, generator=gen, device=t.device)
         return randn(TOKENS, t.num_heads, t.head_dim), randn(TOKENS, t.num_kv_heads, t.head_dim), positions, table
+    if op == "rope_store_kv":
+        positions = torch.arange(TOKENS, device=t.device)
+        table = torch.randn(TOKENS, 2, t.head_dim, generator=gen, device=t.device)
+        blocks = -(-TOKENS // t.block_size) + 1
+        k_cache = randn(blocks, t.block_size, t.num_kv_heads, t.head_dim)
+        slots = torch.arange(TOKENS, device=t.device) + t.block_size  # past the scratch block
+        return (randn(TOKENS, t.num_heads, t.head_dim), randn(TOKENS, t.num_kv_heads, t.head_dim),
+                randn(TOKENS, t.num_kv_heads, t.head_dim), positions, table, k_cache,
+                torch.empty_like(k_cache), slots)
     if op == "swiglu":
         return (randn(TOKENS, 2 * (ffn_size or 4 * t.hidden_size)),)
     if op == "sample":

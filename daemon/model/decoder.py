@@ -189,11 +189,10 @@ class LlamaDecoder(nn.Module):
         if layer.q_norm is not None:
             q = k.rms_norm(q, layer.q_norm, c.rms_norm_eps)
             key = k.rms_norm(key, layer.k_norm, c.rms_norm_eps)
-        q, key = k.rope(q, key, positions, self.cos_sin)
         k_cache, v_cache = cache
-        k_cache.view(-1, c.num_kv_heads, c.head_dim).index_copy_(0, meta.slot_mapping, key)
-        v_cache.view(-1, c.num_kv_heads, c.head_dim).index_copy_(
-            0, meta.slot_mapping, value.view(n, c.num_kv_heads, c.head_dim)
+        value = value.view(n, c.num_kv_heads, c.head_dim)
+        q = k.rope_store_kv(
+            q, key, value, positions, self.cos_sin, k_cache, v_cache, meta.slot_mapping
         )
         attend = k.decode_attention if meta.decode_only else k.prefill_attention
         out = attend(q, k_cache, v_cache, meta, self.scale, c.sliding_window)

@@ -109,5 +109,6 @@ def candidates() -> list[Candidate]:
         make("rms_norm", "rms_norm", norms.rms_norm, _norm_reason),
         make("add_rms_norm", "add_rms_norm", norms.add_rms_norm, _norm_reason),
         make("rope", "rope", rope.rope, _rope_reason),
+        make("rope_store_kv", "rope_store_kv", rope.rope_store_kv, _rope_reason),
         make("swiglu", "swiglu", swiglu.swiglu),
     ]

@@ -184,9 +184,9 @@ def _tiles(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int,
         return block_m, 32, 4, 2
     if head_dim > 128:
         return min(block_m, 64), 32, 8, 2
-    # BLOCK_N 32/64/128, 4/8 warps, 2-4 stages on an H200: 32/4/2 led at 2048 queries over 8k
-    # keys and was within 2% of the best for 32 queries over 19k
-    return block_m, 32, 4, 2
+    # H200 sweeps (perf/prefill_sweep.py): 32/4/2 led at 2048 queries over 8k keys; for one
+    # tile of rows (a short question) BLOCK_N 64 took 10% off at 32k keys and 5% at 19k
+    return block_m, 64 if rows <= MAX_ROWS else 32, 4, 2
 
 
 def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[str, int]:

@@ -1,0 +1,86 @@
+"""How close the model's skinny GEMMs (M = 1..64 rows) come to streaming their weights at the
+device's copy bandwidth: F.linear (cuBLAS) on Llama-3.1-8B's weight shapes, graph-replayed.
+
+    python perf/gemm_bench.py --rows 1,8,32,64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from floor import measure_ceilings  # noqa: E402
+
+# (name, out_features, in_features) of Llama-3.1-8B, per layer, and the LM head
+SHAPES = [
+    ("qkv", 6144, 4096),
+    ("o", 4096, 4096),
+    ("gate_up", 28672, 4096),
+    ("down", 4096, 14336),
+    ("lm_head", 128256, 4096),
+]
+
+
+def graph_ms(fn, repeat: int = 20) -> float:
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / repeat
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--rows", default="1,8,32,64")
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    device = torch.device("cuda")
+    copy_bw = measure_ceilings(device).copy_bytes_per_s
+    results = []
+    for name, n, k in SHAPES:
+        # several weights so each call reads from HBM, not from L2 (50 MB)
+        copies = max(2, int(200e6 // (n * k * 2)) + 1)
+        weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
+        for m in (int(r) for r in args.rows.split(",")):
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
+            ms = graph_ms(lambda x=x, ws=weights: [F.linear(x, w) for w in ws]) / copies
+            floor = n * k * 2 / copy_bw * 1e3
+            results.append(
+                {
+                    "gemm": name,
+                    "m": m,
+                    "ms": ms,
+                    "floor_ms": floor,
+                    "tb_per_s": n * k * 2 / ms / 1e9,
+                }
+            )
+            print(
+                f"{name:>8} M={m:3d}: {ms * 1e3:8.1f} us, {results[-1]['tb_per_s']:.2f} TB/s, "
+                f"{ms / floor:.2f}x floor",
+                flush=True,
+            )
+    if args.out:
+        Path(args.out).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

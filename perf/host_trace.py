@@ -1,0 +1,175 @@
+"""Where a question's time goes between `generate` and its first token, stage by stage.
+
+Wraps the engine's stage methods with timers (this script only; the engine is unchanged),
+asks many 1-token questions at a few context sizes, and prints the median moment each stage
+ends, relative to the call to `generate`, with the GPU time of the replayed step (CUDA events).
+Run twice per context: with Python's default GIL switch interval and with a short one.
+
+    python perf/host_trace.py --contexts 3000,19000 --questions 30
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stream_bench import QUESTION, Bench  # noqa: E402
+
+from livelm.daemon.config import Config  # noqa: E402
+from livelm.daemon.engine.engine import Engine  # noqa: E402
+from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
+from livelm.daemon.engine.runner import ModelRunner  # noqa: E402
+from livelm.daemon.engine.worker import Worker  # noqa: E402
+from livelm.daemon.kernels.startup import bind_kernels  # noqa: E402
+from livelm.daemon.model.loader import load_model, model_config_for  # noqa: E402
+from livelm.protocol.messages import GenerateRequest  # noqa: E402
+
+STAGES = [
+    (Engine, "generate", "generate"),
+    (Worker, "_take_commands", "take_commands"),
+    (Worker, "_fork", "fork"),
+    (StepGraphs, "_fill", "graph_fill"),
+    (StepGraphs, "run", "graph_launch"),
+    (ModelRunner, "run", "runner_run"),
+    (Worker, "_on_token", "on_token"),
+    (Worker, "_flush", "flush"),
+    (Engine, "_apply_report", "apply_report"),
+]
+
+
+class Trace:
+    def __init__(self) -> None:
+        self.marks: list[tuple[str, float, float]] = []
+        self.gpu: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+
+    def wrap(self, cls: type, name: str, label: str) -> None:
+        original = getattr(cls, name)
+
+        @functools.wraps(original)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.marks.append((label, start, time.perf_counter()))
+
+        setattr(cls, name, timed)
+
+    def wrap_gpu(self) -> None:
+        original = StepGraphs.run
+
+        def timed(graphs: StepGraphs, *args: Any, **kwargs: Any) -> Any:
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            out = original(graphs, *args, **kwargs)
+            end.record()
+            self.gpu.append((begin, end))
+            return out
+
+        StepGraphs.run = timed  # type: ignore[method-assign]
+
+
+async def one_question(bench: Bench, sid: str, trace: Trace) -> dict[str, float]:
+    trace.marks.clear()
+    trace.gpu.clear()
+    start = time.perf_counter()
+    handle = bench.engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=1))
+    first = None
+    async for _ in handle:
+        first = time.perf_counter() if first is None else first
+    await handle.result()
+    torch.cuda.synchronize()
+    out: dict[str, float] = {"first_token": (first - start) * 1e3}
+    for label, _begin, end in trace.marks:
+        key = label + "_end"
+        if key not in out and end >= start:
+            out[key] = (end - start) * 1e3
+    for label, begin, end in trace.marks:
+        out.setdefault(label + "_ms", 0.0)
+        out[label + "_ms"] += (end - begin) * 1e3
+    if trace.gpu:
+        out["gpu_step_ms"] = sum(b.elapsed_time(e) for b, e in trace.gpu)
+    return out
+
+
+async def run(model: Any, config: Config, args: argparse.Namespace, trace: Trace) -> dict:
+    engine = Engine(model, config, asyncio.get_running_loop())
+    engine.start()
+    bench = Bench(engine)
+    results: dict[str, Any] = {}
+    try:
+        sid = await bench.open()
+        for ctx in args.contexts:
+            await bench.fill(sid, ctx)
+            for interval in (0.005, 0.0002):
+                sys.setswitchinterval(interval)
+                for _ in range(3):
+                    await one_question(bench, sid, trace)
+                samples = [await one_question(bench, sid, trace) for _ in range(args.questions)]
+                keys = sorted(
+                    {k for s in samples for k in s},
+                    key=lambda k: statistics.median([s.get(k, 0.0) for s in samples]),
+                )
+                summary = {k: statistics.median([s[k] for s in samples if k in s]) for k in keys}
+                results[f"{ctx}@switch={interval}"] = summary
+                print(f"context {engine.sessions[sid].context_tokens}, switch interval {interval}:")
+                for k, v in summary.items():
+                    print(f"  {k:>22}: {v:8.3f} ms")
+            sys.setswitchinterval(0.005)
+    finally:
+        await engine.stop(5.0)
+    return results
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument(
+        "--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[3000, 19000]
+    )
+    p.add_argument("--questions", type=int, default=30)
+    p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    config = Config(
+        model=args.model,
+        device="cuda",
+        dtype="bfloat16",
+        kv_cache_tokens=120_000,
+        kernel_policy=args.kernel_policy,
+    )
+    binding = bind_kernels(config, model_config_for(args.model, config.cache_path()))
+    model = load_model(
+        args.model,
+        kernels=binding.kernels,
+        dtype=config.torch_dtype(),
+        device=config.torch_device(),
+        cache_dir=config.cache_path(),
+        progress=True,
+    )
+    model = dataclasses.replace(model, eos_ids=frozenset())
+    trace = Trace()
+    for cls, name, label in STAGES:
+        trace.wrap(cls, name, label)
+    trace.wrap_gpu()
+    results = asyncio.run(run(model, config, args, trace))
+    if args.out:
+        out = Path(args.out) / "host-trace.json"
+        out.write_text(json.dumps(results, indent=2))
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
