@@ -1,9 +1,10 @@
 """Wires the daemon together: logs, HTTP server, kernels, model, engine, signals, drain.
 
-Order: the HTTP server listens first (``/health`` answers at once, ``/ready`` is 503), the kernels
-are bound and the model loaded on a background thread, then the engine starts and ``/ready`` turns
-200 once the engine says it is ready. SIGTERM or SIGINT drains: new requests get 503, in-flight
-queries finish (up to ``drain_timeout``), the server closes, exit 0. A second signal exits at once.
+Order: the HTTP server and the framed TCP server listen first (``/health`` answers at once,
+``/ready`` is 503, TCP requests get ``overloaded``), the kernels are bound and the model loaded on
+a background thread, then the engine starts and ``/ready`` turns 200 once the engine says it is
+ready. SIGTERM or SIGINT drains: new requests get 503 (``overloaded`` on TCP/WebSocket), in-flight
+queries finish (up to ``drain_timeout``), the servers close, exit 0. A second signal exits at once.
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from aiohttp import web
 
 from livelm.daemon.config import Config
 from livelm.daemon.engine.engine import Engine
-from livelm.daemon.http.server import attach_engine, build_app, start_draining
+from livelm.daemon.http.server import attach_engine, build_app, server_state, start_draining
 from livelm.daemon.kernels.dispatcher import Binding
 from livelm.daemon.kernels.startup import bind_kernels
 from livelm.daemon.logs import ACCESS_LOGGER, AccessLogger, get_logger, setup_logging
 from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for
+from livelm.daemon.transports.tcp import TcpServer
 from livelm.protocol.errors import ConfigError, ModelLoadError
 
 log = get_logger(__name__)
@@ -80,17 +82,21 @@ async def _serve(config: Config, device: torch.device, dtype: torch.dtype) -> in
         shutdown_timeout=HANDLER_SHUTDOWN_SECONDS,
     )
     await runner.setup()
+    tcp = TcpServer(server_state(app))
     try:
         site = await _listen(runner, config)
+        await _listen_tcp(tcp, config)
         engine = await _start_engine(app, config, device, dtype, stop)
         if engine is not None:
             await stop.wait()
         log.info("draining", extra={"drain_timeout": config.drain_timeout})
         start_draining(app)
         await site.stop()  # no new connections
+        tcp.stop_listening()
         if engine is not None:
             await _stop_engine(engine, config.drain_timeout)
     finally:
+        await tcp.close(HANDLER_SHUTDOWN_SECONDS)
         await runner.cleanup()
     log.info("stopped")
     return EXIT_OK
@@ -107,6 +113,18 @@ async def _listen(runner: web.AppRunner, config: Config) -> web.TCPSite:
     for host, port, *_ in runner.addresses:
         log.info("listening on http://%s:%s", host, port, extra={"host": host, "port": port})
     return site
+
+
+async def _listen_tcp(tcp: TcpServer, config: Config) -> None:
+    try:
+        addresses = await tcp.start(config.host, config.tcp_port)
+    except OSError as exc:
+        raise StartupError(
+            EXIT_CONFIG,
+            f"cannot listen on {config.host}:{config.tcp_port} (tcp_port): {exc.strerror or exc}",
+        ) from exc
+    for host, port in addresses:
+        log.info("listening on tcp://%s:%s", host, port, extra={"host": host, "tcp_port": port})
 
 
 async def _start_engine(

@@ -1,4 +1,5 @@
-"""The ``livelm`` command: ``livelm serve`` and ``livelm kernels`` (settings flags: cli_config)."""
+"""The ``livelm`` command: ``serve`` and ``kernels`` (settings flags: cli_config), and the client
+verbs ``push``, ``query``, ``watch``, ``status`` (livelm.client.cli_parsers)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,13 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from livelm.client.cli_parsers import add_client_parsers
 from livelm.daemon.cli_config import add_config_arguments, config_from_args
 from livelm.daemon.kernels.report import add_kernels_parser
 from livelm.protocol.errors import ConfigError
 
 EXIT_CONFIG = 2
 EXIT_INTERRUPTED = 130
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     _add_serve(commands)
     add_kernels_parser(commands)
+    add_client_parsers(commands)
     return parser
 
 

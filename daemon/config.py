@@ -46,10 +46,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     default_window: int = 0  # 0 = max context
     window_low_water: float = 0.75
     max_request_bytes: int = 16 * MIB
+    max_frame: int = 16 * MIB  # largest TCP frame or WebSocket message
     max_push_entries: int = 10000
     max_entry_tokens: int = 8192
     max_new_tokens: int = 4096
     max_stop_sequences: int = 16
+    max_choices: int = 64  # choices of one classification query
+    token_cache_pieces: int = 65536  # pre-tokenized pieces whose tokens are kept; 0 = no cache
     ring_words: int = 1 << 22
     drain_timeout: float = 10.0  # seconds to finish in-flight queries on shutdown
     api_keys: list[str] = []
@@ -60,6 +63,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
     graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
     graph_max_question: int = 128  # the longest question prefill captured (0 = none)
+    event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
+    max_flash_queries: int = 16  # flash queries per session
+    prefix_cache_conversations: int = 64  # completions kept for KV reuse; 0 = no reuse
+    sse_keepalive_s: float = 15.0  # seconds between SSE keep-alive comments
 
     def __post_init__(self) -> None:
         values = msgspec.structs.asdict(self)
@@ -285,10 +292,13 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "default_window": (lambda v: v >= 0, "a token count >= 0 (0 = max context)"),
     "window_low_water": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
     "max_request_bytes": (lambda v: v > 0, "a positive number of bytes"),
+    "max_frame": (lambda v: 64 <= v <= (1 << 32) - 1, "from 64 to 4294967295 bytes"),
     "max_push_entries": (lambda v: v > 0, "a positive integer"),
     "max_entry_tokens": (lambda v: v > 0, "a positive integer"),
     "max_new_tokens": (lambda v: v > 0, "a positive integer"),
     "max_stop_sequences": (lambda v: v > 0, "a positive integer"),
+    "max_choices": (lambda v: 2 <= v <= 4096, "from 2 to 4096"),
+    "token_cache_pieces": (lambda v: 0 <= v <= 1 << 24, "from 0 (off) to 16777216 pieces"),
     "ring_words": (lambda v: _power_of_two(v) and v >= 1024, "a power of two >= 1024"),
     "drain_timeout": (lambda v: v >= 0, "a number of seconds >= 0"),
     "api_keys": (lambda v: all(k.strip() for k in v), "a list of non-empty keys"),
@@ -298,6 +308,10 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cuda_graphs": (lambda v: True, "true or false"),
     "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
     "graph_max_question": (lambda v: 0 <= v <= 128, "from 0 to 128"),
+    "event_buffer": (lambda v: 1 <= v <= 1_000_000, "from 1 to 1000000 events"),
+    "max_flash_queries": (lambda v: 0 <= v <= 1024, "from 0 to 1024 (0 = flash queries off)"),
+    "prefix_cache_conversations": (lambda v: 0 <= v <= 65536, "from 0 (reuse off) to 65536"),
+    "sse_keepalive_s": (lambda v: 0.05 <= v <= 3600, "from 0.05 to 3600 seconds"),
 }
 
 # settings compared case-insensitively (``INFO``, ``CUDA:1``)

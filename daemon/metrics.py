@@ -49,13 +49,54 @@ class HttpMetrics:
         return out
 
 
-def render(http: HttpMetrics, engine: Mapping[str, float], *, ready: bool) -> str:
-    """The whole exposition: process gauges, HTTP counters, then the engine's values."""
+class WireCounters:
+    """Connections, frames and bytes of one message transport (``tcp`` or ``ws``)."""
+
+    def __init__(self) -> None:
+        self.connections_open = 0
+        self.connections_total = 0
+        self.frames_in_total = 0
+        self.frames_out_total = 0
+        self.bytes_in_total = 0
+        self.bytes_out_total = 0
+        self.read_pauses_total = 0  # times a connection stopped reading: requests piled up
+
+    def opened(self) -> None:
+        self.connections_open += 1
+        self.connections_total += 1
+
+    def closed(self) -> None:
+        self.connections_open -= 1
+
+
+class WireMetrics:
+    """The counters of the TCP and WebSocket transports, labelled by transport."""
+
+    def __init__(self) -> None:
+        self.transports = {"tcp": WireCounters(), "ws": WireCounters()}
+
+    def lines(self) -> list[str]:
+        out: list[str] = []
+        for name in vars(WireCounters()):
+            kind = "counter" if name.endswith("_total") else "gauge"
+            metric = "wire_" + name
+            out += _header(metric, kind, f"Message transports: {name.replace('_', ' ')}")
+            for transport, counters in self.transports.items():
+                out.append(_sample(metric, getattr(counters, name), {"transport": transport}))
+        return out
+
+
+def render(
+    http: HttpMetrics, engine: Mapping[str, float], *, ready: bool, wire: WireMetrics | None = None
+) -> str:
+    """The whole exposition: process gauges, HTTP and wire counters, then the engine's values."""
     lines = _header("up_seconds", "gauge", "Seconds since the daemon started")
     lines.append(_sample("up_seconds", http.uptime()))
     lines += _header("ready", "gauge", "1 when the model is loaded and the engine runs")
     lines.append(_sample("ready", 1 if ready else 0))
     lines += http.lines()
+    if wire is not None:
+        lines += wire.lines()
     lines += engine_lines(engine.items())
     return "\n".join(lines) + "\n"
 

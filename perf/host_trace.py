@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stream_bench import QUESTION, Bench  # noqa: E402
+from stream_bench import QUESTION, Bench, record  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
@@ -38,6 +38,8 @@ from livelm.protocol.messages import GenerateRequest  # noqa: E402
 STAGES = [
     (Engine, "generate", "generate"),
     (Worker, "_take_commands", "take_commands"),
+    (Worker, "_take_records", "take_records"),
+    (Worker, "_step", "step"),
     (Worker, "_fork", "fork"),
     (StepGraphs, "_fill", "graph_fill"),
     (StepGraphs, "run", "graph_launch"),
@@ -89,17 +91,42 @@ async def one_question(bench: Bench, sid: str, trace: Trace) -> dict[str, float]
     async for _ in handle:
         first = time.perf_counter() if first is None else first
     await handle.result()
-    torch.cuda.synchronize()
     out: dict[str, float] = {"first_token": (first - start) * 1e3}
-    for label, _begin, end in trace.marks:
-        key = label + "_end"
-        if key not in out and end >= start:
-            out[key] = (end - start) * 1e3
+    out.update(stage_times(trace, start))
+    return out
+
+
+def summarize(samples: list[dict[str, float]]) -> dict[str, float]:
+    keys = {k for s in samples for k in s}
+    summary = {k: statistics.median([s[k] for s in samples if k in s]) for k in keys}
+    return dict(sorted(summary.items(), key=lambda kv: kv[1]))
+
+
+def stage_times(trace: Trace, start: float) -> dict[str, float]:
+    """When each stage first ended after ``start``, and the total time spent in each (ms)."""
+    out: dict[str, float] = {}
     for label, begin, end in trace.marks:
-        out.setdefault(label + "_ms", 0.0)
-        out[label + "_ms"] += (end - begin) * 1e3
+        if end >= start:
+            out.setdefault(label + "_end", (end - start) * 1e3)
+            out[label + "_ms"] = out.get(label + "_ms", 0.0) + (end - begin) * 1e3
     if trace.gpu:
+        torch.cuda.synchronize()
         out["gpu_step_ms"] = sum(b.elapsed_time(e) for b, e in trace.gpu)
+    return out
+
+
+async def one_push(bench: Bench, sid: str, trace: Trace) -> dict[str, float]:
+    """One record pushed to an idle session, until the session reports it ingested."""
+    await asyncio.sleep(0.01)  # idle daemon
+    trace.marks.clear()
+    trace.gpu.clear()
+    start = time.perf_counter()
+    await bench.engine.push(sid, [record(bench.next_record)])
+    acked = time.perf_counter()
+    bench.next_record += 1
+    await bench.wait_ingested(sid)
+    out = {"acked": (acked - start) * 1e3, "queryable": (time.perf_counter() - start) * 1e3}
+    out.update(stage_times(trace, start))
     return out
 
 
@@ -127,6 +154,11 @@ async def run(model: Any, config: Config, args: argparse.Namespace, trace: Trace
                 for k, v in summary.items():
                     print(f"  {k:>22}: {v:8.3f} ms")
             sys.setswitchinterval(0.005)
+            pushes = summarize([await one_push(bench, sid, trace) for _ in range(args.questions)])
+            results[f"{ctx}@push"] = pushes
+            print(f"context {engine.sessions[sid].context_tokens}, one pushed record:")
+            for k, v in pushes.items():
+                print(f"  {k:>22}: {v:8.3f} ms")
     finally:
         await engine.stop(5.0)
     return results

@@ -43,6 +43,9 @@ QUESTION = (
     "last close?"
 )
 
+CLASSIFY = "Answer 1 if the price trend is up, 2 if it is down, 3 if it is flat."
+CHOICES = ["1", "2", "3"]  # single tokens (digits stand alone): one forward pass
+
 
 def record(i: int) -> dict[str, Any]:
     base = 180 + (i % 97) * 0.37
@@ -97,6 +100,15 @@ class Bench:
         end = time.perf_counter()
         return (first - start) * 1e3, (end - start) * 1e3, len(done.tokens)
 
+    async def classify(self, sid: str) -> float:
+        """ms for one classification answer (choices scored in a single pass)."""
+        start = time.perf_counter()
+        handle = self.engine.generate(sid, GenerateRequest(prompt=CLASSIFY, choices=CHOICES))
+        done = await handle.result()
+        if done.choice not in CHOICES:
+            raise RuntimeError(f"classification answered {done.choice!r}")
+        return (time.perf_counter() - start) * 1e3
+
     async def push_to_queryable(self, sid: str, count: int) -> list[float]:
         out = []
         for _ in range(count):
@@ -127,6 +139,9 @@ async def engine_run(model: LoadedModel, config: Config, args: argparse.Namespac
             row["first_token_ms"] = {"median": statistics.median(firsts), "p99": pct(firsts, 0.99)}
             totals = [(await bench.ask(sid, 8))[1] for _ in range(max(2, repeats // 2))]
             row["question_plus_8_ms"] = statistics.median(totals)
+            await bench.classify(sid)  # warm-up
+            classify = [await bench.classify(sid) for _ in range(repeats)]
+            row["classify_ms"] = {"median": statistics.median(classify), "p99": pct(classify, 0.99)}
             if full:
                 first, total, n = await bench.ask(sid, 65)
                 row["decode_ms_per_token"] = (total - first) / (n - 1)
@@ -240,6 +255,11 @@ def table(results: dict, config, ceilings: Ceilings) -> str:
         rows.append(("32q + 8 tokens ms", str(row["context_tokens"]), fmt(row["question_plus_8_ms"]),
                      fmt(off.get(ctx, {}).get("question_plus_8_ms")), "-", "-", "-", "-",
                      "<= 42" if 18000 <= ctx <= 20000 else "-"))
+        if "classify_ms" in row:
+            cls = row["classify_ms"]["median"]
+            rows.append(("classify (3 choices) ms", str(row["context_tokens"]), fmt(cls),
+                         fmt(off.get(ctx, {}).get("classify_ms", {}).get("median")), "-", "-",
+                         fmt(floor), fmt(cls / floor), f"<= {1.3 * floor:.2f}"))
         if "decode_ms_per_token" in row:
             dfloor = forward_floor_ms(config, ceilings, row["context_tokens"], 1)
             rows.append(("decode ms/token", str(row["context_tokens"]), fmt(row["decode_ms_per_token"]), "-",

@@ -70,7 +70,7 @@ class DoneReply(msgspec.Struct, kw_only=True, omit_defaults=True):
     finish_reason: Literal["stop", "length", "cancelled"]
     usage: Usage
     data_seq: int
-    cached: bool = False
+    cached: bool  # always sent: answered from a flash query's cache, without GPU work
     choice: str | None = None
     probs: dict[str, float] | None = None
 
@@ -97,6 +97,38 @@ class StatusReply(msgspec.Struct, kw_only=True):
     dropped_entries: int  # entries dropped past the window so far
     template: Template
     format: EntryFormat
+    # why the session stopped advancing (computing its data failed); its queries then fail
+    error: str | None = None
+
+
+class FlashRegistered(msgspec.Struct, kw_only=True):
+    query_id: int  # per session, from 1
+    query: str
+    max_tokens: int
+
+
+class FlashAnswer(msgspec.Struct, kw_only=True):
+    session_id: str
+    query_id: int
+    query: str
+    text: str
+    confidence: float  # p(top1) - p(top2) of the first answer token's distribution
+    data_seq: int  # the last entry the answer saw
+
+
+class DataUpdated(msgspec.Struct, kw_only=True):
+    session_id: str
+    data_seq: int  # newest entry now fully in the KV cache (ingested_seq)
+    tokens: int  # context tokens now in the KV cache
+
+
+class EventsLost(msgspec.Struct, kw_only=True):
+    """A subscriber fell behind the event buffer: events ``requested`` up to
+    ``first_available - 1`` are gone; the stream continues at ``first_available``."""
+
+    session_id: str
+    requested: int
+    first_available: int
 
 
 class ErrorBody(msgspec.Struct, kw_only=True):

@@ -31,10 +31,14 @@ def free_port() -> int:
 
 
 class DaemonProcess:
-    def __init__(self, proc: subprocess.Popen[bytes], port: int, log_path: Path) -> None:
+    def __init__(
+        self, proc: subprocess.Popen[bytes], port: int, log_path: Path, *, tcp_port: int = 0
+    ) -> None:
         self.proc = proc
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
+        self.ws_url = f"ws://127.0.0.1:{port}/v1/ws"
+        self.tcp_port = tcp_port  # framed MessagePack (0 if the args chose none)
         self.log_path = log_path
 
     def log_text(self) -> str:
@@ -83,8 +87,11 @@ def start_daemon(
     port = free_port()
     command = [sys.executable, "-m", "livelm.daemon", "serve", "--host", "127.0.0.1"]
     command += ["--port", str(port)]
-    if "--tcp-port" not in args:
-        command += ["--tcp-port", str(free_port())]
+    if "--tcp-port" in args:
+        tcp_port = int(args[args.index("--tcp-port") + 1])
+    else:
+        tcp_port = free_port()
+        command += ["--tcp-port", str(tcp_port)]
     log_file = tempfile.NamedTemporaryFile(
         prefix="livelm-daemon-", suffix=".log", dir=log_dir, delete=False
     )
@@ -96,7 +103,7 @@ def start_daemon(
         env={**os.environ, **(env or {})},
     )
     log_file.close()
-    daemon = DaemonProcess(proc, port, Path(log_file.name))
+    daemon = DaemonProcess(proc, port, Path(log_file.name), tcp_port=tcp_port)
     _wait_ready(daemon, timeout)
     return daemon
 

@@ -16,6 +16,8 @@ class Batch:
     positions: torch.Tensor
     meta: AttentionMeta
     sample_rows: list[int]  # row of each chunk with sample=True, in chunk order
+    score_rows: list[int]  # every row of the chunks with score=True, in chunk order
+    score_targets: list[int]  # the token whose log-probability each score row gives
 
 
 def build_batch(chunks: list[Chunk], block_size: int, device: torch.device) -> Batch:
@@ -44,9 +46,18 @@ def build_batch(chunks: list[Chunk], block_size: int, device: torch.device) -> B
         decode_only=all(ch.length == 1 for ch in chunks),
     )
     rows = [starts[i + 1] - 1 for i, ch in enumerate(chunks) if ch.sample]
+    score_rows: list[int] = []
+    score_targets: list[int] = []
+    for i, ch in enumerate(chunks):
+        if ch.score:
+            score_rows += range(starts[i], starts[i + 1])
+            offset = ch.start - ch.seq.base
+            score_targets += ch.seq.targets[offset : offset + ch.length]
     return Batch(
         input_ids=torch.tensor(ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
         meta=meta,
         sample_rows=rows,
+        score_rows=score_rows,
+        score_targets=score_targets,
     )

@@ -18,6 +18,15 @@ import numpy as np
 from livelm.daemon.engine import records
 from livelm.daemon.engine.admission import BlockBudget
 from livelm.daemon.engine.block_pool import BlockPool
+from livelm.daemon.engine.choices import Choices, parse_choices, scoring_blocks
+from livelm.daemon.engine.conversations import (
+    Completion,
+    CompletionLimits,
+    Conversations,
+    EngineHooks,
+)
+from livelm.daemon.engine.events import EventHub, Subscription, event_names
+from livelm.daemon.engine.flash import FlashBoard
 from livelm.daemon.engine.formats import render_entry
 from livelm.daemon.engine.graphs import StepGraphs
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
@@ -32,17 +41,23 @@ from livelm.daemon.engine.sessions import Session, SlotAllocator, new_session_id
 from livelm.daemon.engine.worker import CancelQuery, StartQuery, StepReport, Worker
 from livelm.native.ring import Ring
 from livelm.protocol.errors import (
+    InternalError,
     InvalidRequest,
     Overloaded,
     TooLarge,
     UnknownSession,
 )
 from livelm.protocol.messages import (
+    DoneReply,
+    FlashAnswer,
+    FlashRegistered,
+    FlashSpec,
     GenerateRequest,
     InitRequest,
     PushReply,
     SessionReply,
     StatusReply,
+    TokenEvent,
 )
 
 if TYPE_CHECKING:
@@ -58,6 +73,7 @@ class Engine:
     def __init__(self, model: LoadedModel, config: Config, loop: asyncio.AbstractEventLoop) -> None:
         self.model, self.config, self.loop = model, config, loop
         self.tokenizer = model.tokenizer
+        self.tokenizer.use_piece_cache(config.token_cache_pieces)
         decoder = model.decoder
         block_size = config.block_size
         kv_tokens = config.kv_cache_tokens or auto_kv_tokens(
@@ -96,6 +112,17 @@ class Engine:
         self._slots = SlotAllocator()
         self._query_ids = itertools.count(1)
         self._inflight: dict[int, tuple[QueryHandle, int]] = {}
+        self._flash: dict[str, FlashBoard] = {}  # per session: flash queries and events
+        self.conversations = Conversations(
+            self.budget,
+            CompletionLimits(
+                config.prefix_cache_conversations,
+                self.max_context,
+                config.max_entry_tokens,
+                model.config.vocab_size,
+            ),
+            EngineHooks(self._write_records, self.start_query, self._slots.take, lambda: self.ready),
+        )
         self._ring_lock = asyncio.Lock()
         self._ring_space = asyncio.Event()
         self._accepting = True
@@ -105,6 +132,9 @@ class Engine:
             "queries_started_total": 0,
             "tokens_generated_total": 0,
             "ring_full_waits_total": 0,  # times a producer was held back by a full ring
+            "flash_rounds_total": 0,
+            "flash_rounds_coalesced_total": 0,  # data that joined a round already asked for
+            "flash_answers_published_total": 0,
         }
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -123,6 +153,8 @@ class Engine:
     async def stop(self, drain_timeout: float) -> None:
         self._accepting = False
         self.ready = False
+        for board in self._flash.values():
+            board.close()
         deadline = self.loop.time() + drain_timeout
         while self._inflight and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
@@ -138,8 +170,6 @@ class Engine:
         self._check_accepting()
         if len(self.sessions) >= self.config.max_sessions:
             raise Overloaded(f"the daemon holds its limit of {self.config.max_sessions} sessions")
-        if req.flash:
-            raise InvalidRequest("flash queries are not available in this build yet")
         session_id = new_session_id(req.session_id, self.sessions)
         window = self._window(req.window)
         if req.template == "chat" and self.tokenizer.chat_template is None:
@@ -149,7 +179,14 @@ class Engine:
         )
         if len(layout.opening) >= window:
             raise TooLarge(f"the prompt takes {len(layout.opening)} tokens; the window is {window}")
+        if len(req.flash) > self.config.max_flash_queries:
+            raise InvalidRequest(
+                f"a session holds at most {self.config.max_flash_queries} flash queries"
+            )
+        for i, spec in enumerate(req.flash):
+            self._check_flash_spec(spec, layout.question_suffix, f"flash[{i}].")
         blocks = self.budget.session_blocks(len(layout.opening))
+        await self.conversations.make_room(blocks)
         self.budget.grow_session(0, blocks)
         session = Session(
             session_id=session_id,
@@ -167,6 +204,9 @@ class Engine:
         )
         self.sessions[session_id] = session
         self._by_slot[session.slot] = session
+        board = self._open_flash_board(session_id)
+        for spec in req.flash:
+            board.register(spec)
         return SessionReply(
             session_id=session_id,
             prompt_tokens=session.opening_tokens,
@@ -191,6 +231,7 @@ class Engine:
             if self.sessions.get(session_id) is not session:
                 raise UnknownSession(f"unknown session {session_id!r}")
             del self.sessions[session_id]
+            self._flash.pop(session_id).close()
             await self._write_records([records.encode(records.Kind.CLOSE, session.slot)])
             self.budget.release(session.reserved_blocks)
 
@@ -221,6 +262,7 @@ class Engine:
             plan = session.plan_push([len(t) for t in tokens])
             needed = self.budget.session_blocks(session.opening_tokens + plan.data_tokens)
             if needed > session.reserved_blocks:
+                await self.conversations.make_room(needed - session.reserved_blocks)
                 self.budget.grow_session(session.reserved_blocks, needed)
                 session.reserved_blocks = needed
             words = []
@@ -259,11 +301,23 @@ class Engine:
 
     # ---- queries ---------------------------------------------------------------------------
     def generate(
-        self, session_id: str, req: GenerateRequest, *, capture_logits: bool = False
+        self,
+        session_id: str,
+        req: GenerateRequest,
+        *,
+        capture_logits: bool = False,
+        use_flash_cache: bool = True,
     ) -> QueryHandle:
         self._check_accepting()
         session = self._session(session_id)
-        params = self._sampling(req)
+        choices = self._choices(req)
+        params = self._sampling(req, choices)
+        if use_flash_cache and (cached := self._flash[session_id].cached(req)) is not None:
+            return self._cached_handle(*cached)
+        if session.error is not None:
+            raise InternalError(
+                f"session {session_id!r} cannot answer: {session.error}; close it and open a new one"
+            )
         question = self.tokenizer.encode(req.prompt) + session.question_suffix
         if not question:
             raise InvalidRequest("prompt is empty")
@@ -273,32 +327,61 @@ class Engine:
             )
         context = session.context_tokens
         if context + len(question) + params.max_tokens > self.max_context:
+            answer = "the longest choice" if choices is not None else "max_tokens"
             raise InvalidRequest(
-                f"context ({context}) + prompt ({len(question)}) + max_tokens ({params.max_tokens}) "
+                f"context ({context}) + prompt ({len(question)}) + {answer} ({params.max_tokens}) "
                 f"exceeds the model's context of {self.max_context} tokens"
             )
-        if self.config.reprefill_queries:
-            blocks = self.budget.session_blocks(context + len(question) + params.max_tokens)
-        else:
-            blocks = self.budget.query_blocks(context, len(question) + params.max_tokens)
-        self.budget.reserve_query(blocks)
-        query_id = next(self._query_ids)
-        handle = QueryHandle(query_id, self._cancel)
-        self._inflight[query_id] = (handle, blocks)
         state = QueryState(
             tokens=[],
-            query_id=query_id,
             slot=session.slot,
             target_seq=session.last_seq,
             question=question,
             params=params,
             capture_logits=capture_logits,
+            choices=choices,
         )
+        return self.start_query(state, context)
+
+    def start_query(self, state: QueryState, context: int) -> QueryHandle:
+        """Admits ``state`` (its blocks over ``context`` tokens) and hands it to the worker."""
+        new_tokens = len(state.question) + state.params.max_tokens
+        if self.config.reprefill_queries:
+            blocks = self.budget.session_blocks(context + new_tokens)
+        else:
+            blocks = self.budget.query_blocks(context, new_tokens)
+        if state.choices is not None:
+            blocks += scoring_blocks(self.budget, state.choices)
+        if blocks > self.budget.available:
+            self.conversations.make_room_soon(blocks)  # the retry will find them
+        self.budget.reserve_query(blocks)
+        state.query_id = next(self._query_ids)
+        handle = QueryHandle(state.query_id, self._cancel)
+        self._inflight[state.query_id] = (handle, blocks)
         self.worker.submit(StartQuery(state))
         self.counters["queries_started_total"] += 1
         return handle
 
-    def _sampling(self, req: GenerateRequest) -> SamplingParams:
+    async def complete(
+        self, prompt_tokens: list[int], req: GenerateRequest, *, session_id: str | None = None
+    ) -> Completion:
+        """An answer that continues right after ``prompt_tokens`` (no template applied), over
+        a session's context if ``session_id``, else reusing the KV of recent completions."""
+        self._check_accepting()
+        choices = self._choices(req)
+        params = self._sampling(req, choices)
+        if session_id is not None:
+            session = self._session(session_id)
+            return self.conversations.over_session(session, prompt_tokens, params, choices)
+        return await self.conversations.complete(prompt_tokens, params, choices)
+
+    def _choices(self, req: GenerateRequest) -> Choices | None:
+        if req.choices is None:
+            return None
+        return parse_choices(req, self.tokenizer.encode, self.config.max_choices)
+
+    def _sampling(self, req: GenerateRequest, choices: Choices | None = None) -> SamplingParams:
+        """``choices``: a classification, whose answer is at most its longest choice."""
         limit = self.config.max_new_tokens
         if not 1 <= req.max_tokens <= limit:
             raise InvalidRequest(f"max_tokens must be between 1 and {limit}")
@@ -308,15 +391,13 @@ class Engine:
             raise InvalidRequest("top_p must be in (0, 1]")
         if req.top_k < 0:
             raise InvalidRequest("top_k must be 0 (off) or positive")
-        if req.choices is not None:
-            raise InvalidRequest("choices are not available in this build yet")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         if len(stop) > self.config.max_stop_sequences or any(not s or len(s) > 256 for s in stop):
             raise InvalidRequest(
                 f"stop takes at most {self.config.max_stop_sequences} non-empty strings of up to 256 characters"
             )
         return SamplingParams(
-            max_tokens=req.max_tokens,
+            max_tokens=req.max_tokens if choices is None else choices.longest,
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
@@ -329,6 +410,53 @@ class Engine:
         if query_id in self._inflight:
             self.worker.submit(CancelQuery(query_id))
 
+    # ---- flash queries and events -----------------------------------------------------------
+    async def register_flash(self, session_id: str, spec: FlashSpec) -> FlashRegistered:
+        self._check_accepting()
+        session = self._session(session_id)
+        self._check_flash_spec(spec, session.question_suffix, "")
+        return self._flash[session_id].register(spec)
+
+    def flash_answers(self, session_id: str) -> list[FlashAnswer]:
+        self._session(session_id)
+        return self._flash[session_id].answers()
+
+    def subscribe(
+        self, session_id: str, events: frozenset[str], last_event_id: int | None = None
+    ) -> Subscription:
+        """``events``: topics (``flash``, ``data``) or event names; empty = all."""
+        self._session(session_id)
+        return self._flash[session_id].hub.subscribe(event_names(events), last_event_id)
+
+    def _open_flash_board(self, session_id: str) -> FlashBoard:
+        def start(req: GenerateRequest) -> QueryHandle:
+            return self.generate(session_id, req, capture_logits=True, use_flash_cache=False)
+
+        hub = EventHub(session_id, self.config.event_buffer)
+        board = FlashBoard(session_id, hub, start, self.config.max_flash_queries, self.counters)
+        self._flash[session_id] = board
+        return board
+
+    def _check_flash_spec(self, spec: FlashSpec, question_suffix: list[int], where: str) -> None:
+        if not spec.query.strip():
+            raise InvalidRequest(f"{where}query is empty")
+        limit = self.config.max_new_tokens
+        if not 1 <= spec.max_tokens <= limit:
+            raise InvalidRequest(f"{where}max_tokens must be between 1 and {limit}")
+        size = len(self.tokenizer.encode(spec.query)) + len(question_suffix)
+        room = min(self.config.max_entry_tokens, self.max_context)
+        if size + spec.max_tokens > room:
+            raise TooLarge(
+                f"{where}query takes {size} tokens; with max_tokens {spec.max_tokens} "
+                f"that exceeds {room}"
+            )
+
+    def _cached_handle(self, done: DoneReply, tokens: list[TokenEvent]) -> QueryHandle:
+        """A finished handle holding a flash answer: nothing goes to the worker."""
+        handle = QueryHandle(next(self._query_ids), self._cancel)
+        handle.deliver(tokens, done, None)
+        return handle
+
     # ---- results from the worker -------------------------------------------------------------
     def _report_threadsafe(self, report: StepReport) -> None:
         self.loop.call_soon_threadsafe(self._apply_report, report)
@@ -340,6 +468,9 @@ class Engine:
                 session.ingested_seq = p.ingested_seq
                 session.computed_tokens = p.context_tokens
                 session.pending_tokens = p.pending_tokens
+                session.error = p.error
+                if self.sessions.get(session.session_id) is session:  # not closed
+                    self._flash[session.session_id].progress(p.ingested_seq, p.context_tokens)
         for query_id, update in report.queries.items():
             entry = self._inflight.get(query_id)
             if entry is None:
@@ -376,5 +507,18 @@ class Engine:
             "kv_blocks_reserved": self.budget.reserved,
             "ring_words_used": self.ring.used,
             "worker_alive": float(self.worker.is_alive()),
+            "event_subscribers": sum(b.hub.subscribers for b in self._flash.values()),
+            "flash_rounds_inflight": sum(b.round_running for b in self._flash.values()),
+            **self._piece_cache_metrics(),
+            **self.conversations.metrics(),
             **{k: float(v) for k, v in self.counters.items()},
+        }
+
+    def _piece_cache_metrics(self) -> dict[str, float]:
+        cache = self.tokenizer.piece_cache
+        if cache is None:
+            return {}
+        return {
+            "token_cache_hits_total": float(cache.hits),
+            "token_cache_misses_total": float(cache.misses),
         }

@@ -49,6 +49,10 @@ class QueryHandle:
     async def result(self) -> DoneReply:
         return await asyncio.shield(self._done)
 
+    def on_done(self, callback: Callable[[BaseException | None], None]) -> None:
+        """Calls ``callback(error)`` on the loop once the query ends (error: None unless it failed)."""
+        self._done.add_done_callback(lambda done: callback(done.exception()))
+
     @property
     def finished(self) -> bool:
         return self._done.done()

@@ -19,6 +19,9 @@ class Kind(IntEnum):
     DATA = 2  # argument: entry seq; payload: the entry's tokens
     TRIM = 3  # argument: first seq to keep; entries below it are dropped
     CLOSE = 4
+    # a new session (slot) from another's first tokens; argument: the source slot;
+    # payload: [how many of the source's tokens it keeps, then its own new tokens...]
+    BRANCH = 5
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from livelm.daemon.engine.batch import build_batch
@@ -11,9 +13,20 @@ from livelm.daemon.engine.sampling import SamplingParams, sampling_batch
 from livelm.daemon.engine.scheduler import Chunk
 from livelm.daemon.model.decoder import LlamaDecoder
 
+SCORE_ROWS_PER_PASS = 256  # bounds the [rows, vocab] logits held at once while scoring
+
+
+@dataclass
+class StepOutput:
+    tokens: list[int]  # the sampled token of each sampling chunk
+    logits: torch.Tensor | None  # their float32 logits [sampling chunks, vocab]
+    scores: list[list[float]] = field(default_factory=list)  # per score chunk, per row
+
 
 class ModelRunner:
-    def __init__(self, decoder: LlamaDecoder, cache: KVCache, graphs: StepGraphs | None = None) -> None:
+    def __init__(
+        self, decoder: LlamaDecoder, cache: KVCache, graphs: StepGraphs | None = None
+    ) -> None:
         self.decoder = decoder
         self.cache = cache
         self.device = decoder.device
@@ -25,28 +38,56 @@ class ModelRunner:
         chunks: list[Chunk],
         params: list[SamplingParams],
         generators: list[torch.Generator | None],
-    ) -> tuple[list[int], torch.Tensor | None]:
-        """Returns the sampled token of each sampling chunk, and their float32 logits."""
-        shape = self.graphs.shape_for(chunks) if self.graphs is not None else None
+    ) -> StepOutput:
+        # captured graphs give only each chunk's last row, so scoring steps run eagerly
+        eager = self.graphs is None or any(ch.score for ch in chunks)
+        shape = None if eager else self.graphs.shape_for(chunks)
         if shape is not None:
             last_rows = self.graphs.run(chunks, shape)  # logits of every chunk's last token
             if not params:
                 torch.cuda.synchronize(self.device)  # progress is reported for finished work only
-                return [], None
-            logits = last_rows if len(params) == len(chunks) else last_rows[[
-                i for i, ch in enumerate(chunks) if ch.sample
-            ]]
-            tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
-            return tokens.tolist(), logits
+                return StepOutput([], None)
+            logits = (
+                last_rows
+                if len(params) == len(chunks)
+                else last_rows[[i for i, ch in enumerate(chunks) if ch.sample]]
+            )
+            tokens = self.decoder.kernels.sample(
+                logits, sampling_batch(params, generators, self.device)
+            )
+            return StepOutput(tokens.tolist(), logits)
         batch = build_batch(chunks, self.cache.block_size, self.device)
         hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
+        scores = self._scores(hidden, batch.score_rows, batch.score_targets, chunks)
         if not batch.sample_rows:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # progress is reported for finished work only
-            return [], None
+            return StepOutput([], None, scores)
         rows = torch.tensor(batch.sample_rows, dtype=torch.int64, device=self.device)
         logits = self.decoder.logits(hidden.index_select(0, rows)).float()
         tokens = self.decoder.kernels.sample(
             logits, sampling_batch(params, generators, self.device)
         )
-        return tokens.tolist(), logits
+        return StepOutput(tokens.tolist(), logits, scores)
+
+    def _scores(
+        self, hidden: torch.Tensor, rows: list[int], targets: list[int], chunks: list[Chunk]
+    ) -> list[list[float]]:
+        """Each score row's log-probability of its target token, split by score chunk."""
+        if not rows:
+            return []
+        row_ids = torch.tensor(rows, dtype=torch.int64, device=self.device)
+        target_ids = torch.tensor(targets, dtype=torch.int64, device=self.device)
+        parts = []
+        for at in range(0, len(rows), SCORE_ROWS_PER_PASS):
+            part = slice(at, at + SCORE_ROWS_PER_PASS)
+            logits = self.decoder.logits(hidden.index_select(0, row_ids[part])).float()
+            logprobs = torch.log_softmax(logits, dim=-1)
+            parts.append(logprobs.gather(1, target_ids[part, None]).squeeze(1))
+        flat = torch.cat(parts).tolist()
+        out, at = [], 0
+        for ch in chunks:
+            if ch.score:
+                out.append(flat[at : at + ch.length])
+                at += ch.length
+        return out

@@ -1,7 +1,8 @@
 """Chooses what one worker step computes.
 
 Priorities: questions first (latency): when any query has question tokens to prefill, the step
-holds only those, so a short question runs alone and can replay its captured graph. Otherwise
+holds only those, so a short question runs alone and can replay its captured graph. The forks
+that score a classification's multi-token choices count as questions. Otherwise
 live answers decode together; session data is ingested in the remaining steps, alternating
 with decode steps (at a quarter of the budget) while answers are being generated. Sessions
 that queries are waiting on are ingested first.
@@ -20,6 +21,7 @@ class Chunk:
     start: int  # absolute position of the first new token
     length: int
     sample: bool  # a token is drawn from the chunk's last row
+    score: bool = False  # every row's log-probability of its target token is returned
 
 
 class Scheduler:
@@ -52,6 +54,12 @@ class Scheduler:
                 n = min(q.pending, budget)
                 chunks.append(Chunk(q, q.num_computed, n, n == q.pending))
                 budget -= n
+            elif q.phase is Phase.SCORE:
+                for fork in q.scoring:
+                    if fork.pending > 0 and budget > 0:
+                        n = min(fork.pending, budget)
+                        chunks.append(Chunk(fork, fork.num_computed, n, False, score=True))
+                        budget -= n
         return chunks
 
     def _data(self, sessions: list[SessionState], awaited: set[int], budget: int) -> list[Chunk]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from livelm.daemon.engine.choices import Choices
     from livelm.daemon.engine.sampling import SamplingParams
 
 
@@ -40,7 +41,8 @@ class SessionState(Sequence):
     entries: deque[tuple[int, int]] = field(default_factory=deque)
     first_kept_seq: int = 1
     ingested_seq: int = 0
-    reported: tuple[int, int, int] = (-1, -1, -1)  # last progress told to the event loop
+    # the last progress told to the event loop
+    reported: tuple[int, int, int, str | None] = (-1, -1, -1, None)
     error: str | None = None  # set when computing this session failed; it then stops advancing
 
     def append_entry(self, seq: int, tokens: list[int]) -> None:
@@ -87,7 +89,8 @@ class Phase(enum.Enum):
     WAITING = 1  # for its session to ingest the data it must see
     PREFILL = 2
     DECODE = 3
-    DONE = 4
+    SCORE = 4  # a classification scores the rest of its multi-token choices
+    DONE = 5
 
 
 @dataclass
@@ -102,3 +105,17 @@ class QueryState(Sequence):
     context_len: int = 0  # session tokens the query forked over
     output: list[int] = field(default_factory=list)
     capture_logits: bool = False
+    fork_at: int | None = None  # fork exactly here, not at the newest entry (completions)
+    choices: Choices | None = None  # set for a classification
+    choice_logprobs: list[float] = field(default_factory=list)  # summed so far, per choice
+    scoring: list[ChoiceState] = field(default_factory=list)  # forks scoring multi-token choices
+
+
+@dataclass
+class ChoiceState(Sequence):
+    """One multi-token choice forked over its query's question: its tokens but the last are
+    fed, and each row's log-probability of the next choice token is summed."""
+
+    query_id: int = 0
+    index: int = 0  # into the query's choices
+    targets: list[int] = field(default_factory=list)  # the token each fed row predicts

@@ -53,6 +53,7 @@ class Session:
     computed_tokens: int = 0
     pending_tokens: int = 0
     reserved_blocks: int = 0
+    error: str | None = None  # set once the worker failed to compute the session's data
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
@@ -95,6 +96,7 @@ class Session:
             dropped_entries=self.dropped,
             template=self.template,  # type: ignore[arg-type]
             format=self.format,  # type: ignore[arg-type]
+            error=self.error,
         )
 
 

@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import torch
 
 from livelm.daemon.engine import records
+from livelm.daemon.engine.choices import normalised
 from livelm.daemon.engine.detok import TextTracker
 from livelm.daemon.engine.kv_manager import KVManager
-from livelm.daemon.engine.runner import ModelRunner
+from livelm.daemon.engine.prefix_branch import branch_session
+from livelm.daemon.engine.runner import ModelRunner, StepOutput
 from livelm.daemon.engine.scheduler import Chunk, Scheduler
-from livelm.daemon.engine.sequence import Phase, QueryState, SessionState
+from livelm.daemon.engine.sequence import ChoiceState, Phase, QueryState, SessionState
 from livelm.daemon.model.tokenizer import Tokenizer
 from livelm.native.ring import Ring
 from livelm.protocol.errors import InternalError, LiveLMError, UnknownSession
@@ -28,6 +30,9 @@ from livelm.protocol.messages import DoneReply, TokenEvent, Usage
 
 log = logging.getLogger("livelm.worker")
 IDLE_WAIT_S = 0.25
+# what a step raises when its inputs cannot be computed (device errors, out-of-memory, a token
+# id outside the model's vocabulary); it fails the step's sequences, not the worker
+STEP_ERRORS = (RuntimeError, IndexError, LiveLMError)
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,7 @@ class Progress:
     ingested_seq: int
     context_tokens: int
     pending_tokens: int
+    error: str | None = None  # set once computing the session's data failed
 
 
 @dataclass(frozen=True)
@@ -116,7 +122,11 @@ class Worker(threading.Thread):
         self._take_commands()
         self._take_records()
         self._start_queries()
-        queries = [q for q in self.queries.values() if q.phase in (Phase.PREFILL, Phase.DECODE)]
+        queries = [
+            q
+            for q in self.queries.values()
+            if q.phase in (Phase.PREFILL, Phase.DECODE, Phase.SCORE)
+        ]
         sessions = [s for s in self.sessions.values() if s.error is None]
         awaited = {q.slot for q in self.queries.values() if q.phase is Phase.WAITING}
         chunks = self.scheduler.plan(sessions, queries, awaited)
@@ -157,6 +167,9 @@ class Worker(threading.Thread):
             )
         elif rec.kind is records.Kind.CLOSE:
             self._close(rec.slot)
+        elif rec.kind is records.Kind.BRANCH:
+            source = self.sessions[rec.arg]
+            self.sessions[rec.slot] = branch_session(self.kv, source, rec.slot, rec.tokens)
         else:
             session = self.sessions[rec.slot]
             if rec.kind is records.Kind.DATA and rec.arg >= session.first_kept_seq:
@@ -180,11 +193,15 @@ class Worker(threading.Thread):
             session = self.sessions.get(q.slot)
             if session is None:
                 self._fail(q, UnknownSession("the session was closed"))
+            elif session.error is not None:
+                self._fail(q, _session_failed(session.error))
             elif session.caught_up(q.target_seq):
                 self._fork(q, session)
 
     def _fork(self, q: QueryState, session: SessionState) -> None:
         limit = self.max_context - len(q.question) - q.params.max_tokens
+        if q.fork_at is not None:
+            limit = min(limit, q.fork_at)
         length, data_seq = session.boundary(limit)
         if self._reprefill:
             q.base, q.tokens, q.num_computed = 0, session.tokens[:length] + q.question, 0
@@ -196,34 +213,125 @@ class Worker(threading.Thread):
 
     # ---- one step ------------------------------------------------------------------------
     def _step(self, chunks: list[Chunk]) -> None:
-        sampling = [ch.seq for ch in chunks if ch.sample]
         try:
-            for ch in chunks:
-                self.kv.prepare_write(ch.seq, ch.start, ch.start + ch.length)
-            tokens, logits = self.runner.run(
-                chunks,
-                [q.params for q in sampling],
-                [self._generators[q.query_id] for q in sampling],
+            out = self._run(chunks)
+        except STEP_ERRORS as exc:
+            if len(chunks) == 1:
+                self._step_failed(chunks[0], exc)
+                return
+            # one bad sequence must not fail the others: run them alone to find it
+            log.warning(
+                "a step of %d chunks failed (%s); running them one by one", len(chunks), exc
             )
-        except (RuntimeError, LiveLMError) as exc:
-            self._step_failed(chunks, exc)
+            for ch in chunks:
+                if self._live(ch.seq):
+                    self._step([ch])
             return
+        self._apply_step(chunks, out)
+
+    def _run(self, chunks: list[Chunk]) -> StepOutput:
+        sampling = [ch.seq for ch in chunks if ch.sample]
+        for ch in chunks:
+            self.kv.prepare_write(ch.seq, ch.start, ch.start + ch.length)
+        return self.runner.run(
+            chunks,
+            [q.params for q in sampling],
+            [self._generators[q.query_id] for q in sampling],
+        )
+
+    def _apply_step(self, chunks: list[Chunk], out: StepOutput) -> None:
         for ch in chunks:
             ch.seq.num_computed = ch.start + ch.length
             if isinstance(ch.seq, SessionState):
                 ch.seq.advance_ingested()
                 self._touched.add(ch.seq.slot)
+        self._add_scores([ch.seq for ch in chunks if ch.score], out.scores)
+        sampling = [ch.seq for ch in chunks if ch.sample]
         for i, q in enumerate(sampling):
-            self._on_token(q, tokens[i], logits[i] if q.capture_logits and not q.output else None)
-
-    def _step_failed(self, chunks: list[Chunk], exc: Exception) -> None:
-        log.error("step failed", exc_info=exc)
-        for ch in chunks:
-            if isinstance(ch.seq, QueryState):
-                self._fail(ch.seq, InternalError(f"computing the answer failed: {exc}"))
+            if q.choices is not None:
+                self._start_scoring(q, out.logits[i])
             else:
-                ch.seq.error = str(exc)
+                first = out.logits[i] if q.capture_logits and not q.output else None
+                self._on_token(q, out.tokens[i], first)
 
+    def _live(self, seq: SessionState | QueryState | ChoiceState) -> bool:
+        if isinstance(seq, SessionState):
+            return self.sessions.get(seq.slot) is seq and seq.error is None
+        return seq.query_id in self.queries
+
+    def _step_failed(self, ch: Chunk, exc: Exception) -> None:
+        log.error("step failed", exc_info=exc)
+        if isinstance(ch.seq, SessionState):
+            ch.seq.error = f"computing the session's data failed: {type(exc).__name__}: {exc}"
+            self._touched.add(ch.seq.slot)
+            return
+        query = self.queries.get(ch.seq.query_id)
+        if query is not None:
+            self._fail(query, InternalError(f"computing the answer failed: {exc}"))
+
+    # ---- classification ----------------------------------------------------------------------
+    def _start_scoring(self, q: QueryState, logits: torch.Tensor) -> None:
+        """The question is in: score each choice's first token, then fork the multi-token ones."""
+        update = self._update(q)
+        if q.capture_logits:
+            update.first_logits = logits.cpu()
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        firsts = torch.tensor(q.choices.first_tokens(), dtype=torch.int64, device=logits.device)
+        q.choice_logprobs = logprobs.index_select(0, firsts).tolist()
+        q.scoring = [
+            self._fork_choice(q, i, tokens)
+            for i, tokens in enumerate(q.choices.tokens)
+            if len(tokens) > 1
+        ]
+        if q.scoring:
+            q.phase = Phase.SCORE
+        else:
+            self._finish_choice(q)
+
+    def _fork_choice(self, q: QueryState, index: int, tokens: tuple[int, ...]) -> ChoiceState:
+        fork = ChoiceState(
+            tokens=list(tokens[:-1]), query_id=q.query_id, index=index, targets=list(tokens[1:])
+        )
+        self.kv.fork(q, q.length, into=fork)
+        fork.base = q.length
+        return fork
+
+    def _add_scores(self, forks: list[ChoiceState], scores: list[list[float]]) -> None:
+        scored: dict[int, QueryState] = {}
+        for fork, logprobs in zip(forks, scores, strict=True):
+            q = self.queries[fork.query_id]
+            q.choice_logprobs[fork.index] += sum(logprobs)
+            scored[q.query_id] = q
+        for q in scored.values():
+            if all(f.pending == 0 for f in q.scoring):
+                self._finish_choice(q)
+
+    def _finish_choice(self, q: QueryState) -> None:
+        logprobs = q.choice_logprobs
+        best = max(range(len(logprobs)), key=logprobs.__getitem__)
+        text, tokens = q.choices.texts[best], list(q.choices.tokens[best])
+        update = self._update(q)
+        # the events' texts add up to the reply's text, as for a generated answer
+        update.tokens += [TokenEvent(text="", token=t) for t in tokens[:-1]]
+        update.tokens.append(TokenEvent(text=text, token=tokens[-1]))
+        update.done = DoneReply(
+            text=text,
+            tokens=tokens,
+            finish_reason="stop",
+            usage=Usage(
+                prompt_tokens=len(q.question),
+                completion_tokens=len(tokens),
+                context_tokens=q.context_len,
+            ),
+            data_seq=q.data_seq,
+            cached=False,
+            choice=text,
+            probs=dict(zip(q.choices.texts, normalised(logprobs), strict=True)),
+        )
+        self._trackers.pop(q.query_id, None)
+        self._drop(q)
+
+    # ---- generation --------------------------------------------------------------------------
     def _on_token(self, q: QueryState, token: int, logits: torch.Tensor | None) -> None:
         update = self._update(q)
         if logits is not None:
@@ -262,6 +370,7 @@ class Worker(threading.Thread):
                 context_tokens=q.context_len,
             ),
             data_seq=q.data_seq,
+            cached=False,
         )
         self._drop(q)
 
@@ -273,6 +382,9 @@ class Worker(threading.Thread):
     def _drop(self, q: QueryState) -> None:
         q.phase = Phase.DONE
         self.kv.release(q)
+        for fork in q.scoring:
+            self.kv.release(fork)
+        q.scoring = []
         self._generators.pop(q.query_id, None)
         del self.queries[q.query_id]
 
@@ -290,7 +402,7 @@ class Worker(threading.Thread):
             s = self.sessions.get(slot)
             if s is None:
                 continue
-            now = (s.ingested_seq, s.num_computed, s.pending)
+            now = (s.ingested_seq, s.num_computed, s.pending, s.error)
             if now != s.reported:
                 s.reported = now
                 progress.append(Progress(slot, *now))
@@ -298,3 +410,7 @@ class Worker(threading.Thread):
         if self._updates or progress or self._drained:
             self._report(StepReport(self._updates, progress, self._drained))
             self._updates, self._drained = {}, False
+
+
+def _session_failed(error: str) -> InternalError:
+    return InternalError(f"the session cannot answer: {error}; close it and open a new one")

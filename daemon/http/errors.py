@@ -1,6 +1,7 @@
 """Every failure of an HTTP request becomes a JSON error body with the right status.
 
-Body shape: ``{"error": {"message", "type", "code"}}``; under ``/v1/messages`` Anthropic's
+Body shape: ``{"error": {"message", "type", "code"}}`` (plus OpenAI's ``param`` under its
+paths); under ``/v1/messages`` Anthropic's
 ``{"type": "error", "error": {"type", "message"}}``. Overloaded replies carry ``Retry-After``.
 Unexpected exceptions are logged with their traceback and answered with a generic 500.
 """
@@ -22,6 +23,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 DEFAULT_RETRY_AFTER = 1.0  # seconds, when an Overloaded error names none
 ANTHROPIC_PREFIX = "/v1/messages"
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/completions", "/v1/models")
 CLIENT_CLOSED = 499  # nginx's status for a request whose client disconnected
 
 # code -> the "type" an OpenAI-style client expects
@@ -113,9 +115,10 @@ def error_body(error: HttpError, path: str) -> bytes:
             {"type": "error", "error": {"type": kind, "message": error.message}}
         )
     kind = _OPENAI_TYPES[error.code]
-    return msgspec.json.encode(
-        {"error": {"message": error.message, "type": kind, "code": error.code.value}}
-    )
+    body = {"message": error.message, "type": kind, "code": error.code.value}
+    if path.startswith(OPENAI_PREFIXES):
+        body["param"] = None  # OpenAI's shape names the field; our messages do that instead
+    return msgspec.json.encode({"error": body})
 
 
 def error_response(error: HttpError, path: str) -> web.Response:

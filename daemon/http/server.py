@@ -16,9 +16,14 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from livelm.daemon.config import Config
+from livelm.daemon.http.anthropic_api import AnthropicRoutes
+from livelm.daemon.http.compat import Served
 from livelm.daemon.http.errors import CLIENT_CLOSED, Handler, error_middleware
+from livelm.daemon.http.events import EventRoutes
+from livelm.daemon.http.openai_api import OpenAIRoutes
 from livelm.daemon.http.sessions import SessionRoutes, json_response
-from livelm.daemon.metrics import CONTENT_TYPE, HttpMetrics, render
+from livelm.daemon.metrics import CONTENT_TYPE, HttpMetrics, WireMetrics, render
+from livelm.daemon.transports.websocket import WS_PATH, WebSocketRoute
 from livelm.protocol.errors import Overloaded, Unauthorized
 
 if TYPE_CHECKING:
@@ -26,6 +31,8 @@ if TYPE_CHECKING:
 
 LOADING_RETRY_AFTER = 5.0  # seconds a client is told to wait while the model loads
 OPEN_PATHS = frozenset({"/health", "/ready", "/metrics"})  # served without an API key
+# the WebSocket authenticates its connection itself: by header, or with a hello's api_key
+IN_BAND_AUTH_PATHS = frozenset({WS_PATH})
 
 
 @dataclass
@@ -38,6 +45,7 @@ class ServerState:
     kernels: dict[str, str] = field(default_factory=dict)
     draining: bool = False
     http: HttpMetrics = field(default_factory=HttpMetrics)
+    wire: WireMetrics = field(default_factory=WireMetrics)
 
     @property
     def ready(self) -> bool:
@@ -73,6 +81,11 @@ def build_app(
     app.router.add_get("/ready", _ready)
     app.router.add_get("/metrics", _metrics)
     app.router.add_routes(SessionRoutes(state.engine_for).routes())
+    served = Served(state.engine_for, lambda: state.model)
+    app.router.add_routes(OpenAIRoutes(served).routes())
+    app.router.add_routes(AnthropicRoutes(served).routes())
+    app.router.add_routes(EventRoutes(state.engine_for, config.sse_keepalive_s).routes())
+    WebSocketRoute(state).install(app)
     return app
 
 
@@ -107,7 +120,7 @@ async def _ready(request: web.Request) -> web.Response:
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
     engine_values = state.engine.metrics() if state.engine is not None else {}
-    text = render(state.http, engine_values, ready=state.ready)
+    text = render(state.http, engine_values, ready=state.ready, wire=state.wire)
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -143,7 +156,8 @@ def _auth_middleware(config: Config) -> Handler:
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if keys and request.path not in OPEN_PATHS and not _has_key(request, keys):
+        exempt = request.path in OPEN_PATHS or request.path in IN_BAND_AUTH_PATHS
+        if keys and not exempt and not _has_key(request, keys):
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
         return await handler(request)
 

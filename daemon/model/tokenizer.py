@@ -8,6 +8,7 @@ session matches what the model saw in training.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
@@ -19,7 +20,10 @@ from jinja2 import nodes
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as HFTokenizer
 
+from livelm.daemon.model.piece_cache import PieceCache, unsupported_reason
 from livelm.protocol.errors import InvalidRequest, ModelLoadError
+
+log = logging.getLogger("livelm.tokenizer")
 
 # Named special tokens a template may read, as transformers passes them.
 _SPECIAL_TOKEN_NAMES = (
@@ -55,6 +59,7 @@ class Tokenizer:
         self.vocab_size: int = backend.get_vocab_size(with_added_tokens=True)
         self.bos_id: int | None = _prepended_token(backend)
         self.eos_ids: tuple[int, ...] = self._eos_ids()
+        self.piece_cache: PieceCache | None = None  # see use_piece_cache
 
     @classmethod
     def from_folder(cls, folder: Path) -> Tokenizer:
@@ -78,7 +83,30 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each text, as ``encode`` gives them (through the piece cache if on)."""
+        if self.piece_cache is not None:
+            return self.piece_cache.encode_batch(texts, self._encode_whole)
+        return self._encode_whole(texts)
+
+    def _encode_whole(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def use_piece_cache(self, capacity: int) -> None:
+        """Encode batches through a cache of up to ``capacity`` pieces (0 = off), where this
+        tokenizer allows it exactly; where it does not, the log says why."""
+        self.piece_cache = None
+        if capacity == 0:
+            log.info("token piece cache is off (token_cache_pieces: 0)")
+            return
+        reason = unsupported_reason(self._tok)
+        cache = PieceCache(self._tok, capacity) if reason is None else None
+        if cache is not None and not cache.matches_encode(self._encode_whole):
+            reason = "a probe text encodes differently piece by piece"
+        if reason is not None:
+            log.warning("token piece cache is off: %s; entries are encoded whole", reason)
+            return
+        cache.hits = cache.misses = 0  # the probe is not traffic
+        self.piece_cache = cache
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

@@ -1,0 +1,255 @@
+"""The operations every client offers, written once over three transport primitives.
+
+A transport (TCP, WebSocket, HTTP) implements ``_request`` (one request, one reply map),
+``_request_stream`` (a request whose replies are ``token`` maps then one ``done`` map) and
+``_events`` (a session's events as ``(name, body, event_id)``, after a first ``SUBSCRIBED``).
+Reply maps carry their ``type``.
+"""
+
+from __future__ import annotations
+
+import logging
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Any, TypeVar
+
+from livelm.client.errors import InvalidReply
+from livelm.client.replies import (
+    DoneReply,
+    Event,
+    SessionInfo,
+    Status,
+    ack_seq,
+    decode_event,
+    decode_reply,
+    flash_query_id,
+)
+
+log = logging.getLogger("livelm.client")
+
+C = TypeVar("C", bound="ClientBase")
+
+SUBSCRIBED = "subscribed"  # what a transport's event stream yields first, once it is set up
+
+
+def compact(**fields: Any) -> dict[str, Any]:
+    """The fields that are set: an absent option lets the daemon apply its default."""
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+class TokenStream:
+    """``async for text in stream`` gives each token's text; then ``stream.done`` holds the
+    final reply (also ``await stream.result()``, which drains the rest of the stream)."""
+
+    def __init__(self, replies: AsyncIterator[dict[str, Any]]) -> None:
+        self._replies = replies
+        self.done: DoneReply | None = None
+
+    def __aiter__(self) -> TokenStream:
+        return self
+
+    async def __anext__(self) -> str:
+        while self.done is None:
+            try:
+                reply = await anext(self._replies)
+            except StopAsyncIteration:
+                raise InvalidReply("the answer stream ended without a done reply") from None
+            kind = reply.get("type")
+            if kind == "done":
+                self.done = decode_reply(reply, DoneReply)
+            elif kind == "token":
+                text = reply.get("text")
+                if not isinstance(text, str):
+                    raise InvalidReply(f"token reply without text: {reply!r}")
+                if text:  # empty while the daemon holds text back; nothing to show
+                    return text
+            else:
+                raise InvalidReply(f"unexpected reply {kind!r} in an answer stream")
+        await self._replies.aclose()  # type: ignore[attr-defined]
+        raise StopAsyncIteration
+
+    async def result(self) -> DoneReply:
+        async for _ in self:
+            pass
+        if self.done is None:  # pragma: no cover - __anext__ raises first
+            raise InvalidReply("the answer stream ended without a done reply")
+        return self.done
+
+    async def aclose(self) -> None:
+        """Stop reading (an unfinished answer is cancelled where the transport allows)."""
+        await self._replies.aclose()  # type: ignore[attr-defined]
+
+
+class EventStream:
+    """``async for event in stream``; ``stream.last_event_id`` is the id of the last event
+    received (pass it to ``subscribe(..., last_event_id=...)`` to resume elsewhere)."""
+
+    def __init__(
+        self, events: AsyncIterator[tuple[str, dict[str, Any], int | None]], start: int | None
+    ) -> None:
+        self._events = events
+        self.last_event_id = start
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        while True:
+            name, body, event_id = await anext(self._events)
+            self.last_event_id = event_id if event_id is not None else self.last_event_id
+            event = decode_event(name, body)
+            if event is not None:
+                return event
+            log.debug("ignoring unknown event %r", name)
+
+    async def aclose(self) -> None:
+        await self._events.aclose()  # type: ignore[attr-defined]
+
+
+class ClientBase(ABC):
+    """init, push, generate, stream_generate, flash, subscribe, status, close_session, ping."""
+
+    async def init(
+        self,
+        prompt: str = "",
+        *,
+        session_id: str | None = None,
+        template: str | None = None,
+        format: str | None = None,
+        window: int | None = None,
+        flash: Sequence[dict[str, Any]] | None = None,
+    ) -> SessionInfo:
+        fields = compact(
+            prompt=prompt,
+            session_id=session_id,
+            template=template,
+            format=format,
+            window=window,
+            flash=None if flash is None else list(flash),
+        )
+        return decode_reply(await self._request("init", None, fields), SessionInfo)
+
+    async def push(self, session_id: str, data: Sequence[Any]) -> int:
+        """Pushes entries; returns the last seq assigned once the daemon has queued them."""
+        return ack_seq(await self._request("push", session_id, {"data": list(data)}))
+
+    async def generate(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        choices: list[str] | None = None,
+    ) -> DoneReply:
+        """The answer; options left out take the daemon's defaults (docs/API.md)."""
+        fields = compact(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            choices=choices,
+        )
+        fields["stream"] = False
+        return decode_reply(await self._request("generate", session_id, fields), DoneReply)
+
+    def stream_generate(
+        self,
+        session_id: str,
+        prompt: str,
+        *,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        top_p: float | None = None,
+        top_k: int | None = None,
+        seed: int | None = None,
+        stop: str | list[str] | None = None,
+        choices: list[str] | None = None,
+    ) -> TokenStream:
+        """The answer token by token (the same options as ``generate``)."""
+        fields = compact(
+            prompt=prompt,
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop,
+            choices=choices,
+        )
+        fields["stream"] = True
+        return TokenStream(self._request_stream("generate", session_id, fields))
+
+    async def flash(self, session_id: str, query: str, max_tokens: int | None = None) -> int:
+        """Registers a flash query; returns its query_id."""
+        fields = compact(query=query, max_tokens=max_tokens)
+        return flash_query_id(await self._request("flash", session_id, fields))
+
+    async def subscribe(
+        self,
+        session_id: str,
+        events: Sequence[str] | None = None,
+        *,
+        last_event_id: int | None = None,
+    ) -> EventStream:
+        """Subscribes, and once the daemon confirmed it, returns the stream of the session's
+        events (``flash_answer``, ``data_updated``; ``events_lost`` when this subscriber fell
+        behind) until the session closes. ``events``: ``flash``, ``data`` (default both);
+        ``last_event_id``: resume after that event (default: events from now on)."""
+        topics = None if events is None else list(events)
+        stream = self._events(session_id, topics, last_event_id)
+        name, _, cursor = await anext(stream)
+        if name != SUBSCRIBED:
+            raise InvalidReply(f"an event stream must start with {SUBSCRIBED!r}, not {name!r}")
+        return EventStream(stream, cursor)
+
+    async def status(self, session_id: str) -> Status:
+        return decode_reply(await self._request("status", session_id, {}), Status)
+
+    async def close_session(self, session_id: str) -> None:
+        await self._request("close", session_id, {})
+
+    async def ping(self) -> None:
+        await self._request("ping", None, {})
+
+    # ---- connection lifecycle ----------------------------------------------------------------
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Closes the connection; pending requests fail with ``ConnectionLost``."""
+
+    async def __aenter__(self: C) -> C:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    # ---- what a transport provides ------------------------------------------------------------
+    @abstractmethod
+    async def _request(
+        self, op: str, session_id: str | None, fields: dict[str, Any]
+    ) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def _request_stream(
+        self, op: str, session_id: str, fields: dict[str, Any]
+    ) -> AsyncIterator[dict[str, Any]]: ...
+
+    @abstractmethod
+    def _events(
+        self, session_id: str, events: list[str] | None, last_event_id: int | None
+    ) -> AsyncIterator[tuple[str, dict[str, Any], int | None]]:
+        """``(SUBSCRIBED, {}, cursor)`` once the subscription stands (cursor: the event after
+        which events follow, when known), then ``(name, body, event_id)`` for each event."""

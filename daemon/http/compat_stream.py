@@ -1,0 +1,84 @@
+"""Streams one answer as SSE in an API family's shape: the shape turns the answer's start,
+text pieces and end into SSE bytes; this drives it, turns a failure after the headers into
+the shape's error event, and cancels the query when the client goes away.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Protocol
+
+import msgspec
+from aiohttp import web
+
+from livelm.daemon.http.errors import classify, error_body
+from livelm.daemon.http.sessions import SSE_HEADERS, sse_event
+from livelm.daemon.logs import get_logger
+from livelm.protocol.errors import LiveLMError
+
+if TYPE_CHECKING:
+    from livelm.daemon.engine.query import QueryHandle
+    from livelm.protocol.messages import DoneReply
+
+log = get_logger(__name__)
+
+
+class StreamShape(Protocol):
+    def start(self) -> list[bytes]: ...
+    def text(self, text: str) -> list[bytes]: ...
+    def end(self, done: DoneReply) -> list[bytes]: ...
+    def error(self, body: bytes) -> bytes: ...
+
+
+def data_line(value: Any) -> bytes:
+    """``data: JSON`` (OpenAI's chunks carry no event name)."""
+    return b"data: " + msgspec.json.encode(value) + b"\n\n"
+
+
+def named_event(name: str, value: Any) -> bytes:
+    """``event: NAME`` and ``data: JSON`` (Anthropic's events)."""
+    return sse_event(name, msgspec.json.encode(value))
+
+
+async def stream_answer(
+    request: web.Request, handle: QueryHandle, shape: StreamShape
+) -> web.StreamResponse:
+    finished = False
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    try:
+        await response.prepare(request)
+        await _write(response, shape.start())
+        async for event in handle:
+            await _write(response, shape.text(event.text))
+        done = await handle.result()
+        finished = True
+        await _write(response, shape.end(done))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.debug("stream client went away", extra={"path": request.path})
+    except Exception as exc:
+        if not response.prepared:
+            raise
+        await _write_error(request, response, shape, exc)
+    finally:
+        if not finished:
+            handle.cancel()
+    return response
+
+
+async def _write(response: web.StreamResponse, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        await response.write(piece)
+
+
+async def _write_error(
+    request: web.Request, response: web.StreamResponse, shape: StreamShape, exc: Exception
+) -> None:
+    """Headers are sent: the error travels in the stream, where the SDKs raise it."""
+    if not isinstance(exc, LiveLMError):
+        log.exception("completion stream failed", extra={"path": request.path})
+    body = error_body(classify(exc, request), request.path)
+    try:
+        await response.write(shape.error(body))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.debug("stream client went away", extra={"path": request.path})
