@@ -112,6 +112,7 @@ class Engine:
         self._slots = SlotAllocator()
         self._query_ids = itertools.count(1)
         self._inflight: dict[int, tuple[QueryHandle, int]] = {}
+        self._commands: list[StartQuery | CancelQuery] = []  # for the worker, sent once a loop turn
         self._flash: dict[str, FlashBoard] = {}  # per session: flash queries and events
         self.conversations = Conversations(
             self.budget,
@@ -358,7 +359,7 @@ class Engine:
         state.query_id = next(self._query_ids)
         handle = QueryHandle(state.query_id, self._cancel)
         self._inflight[state.query_id] = (handle, blocks)
-        self.worker.submit(StartQuery(state))
+        self._command(StartQuery(state))
         self.counters["queries_started_total"] += 1
         return handle
 
@@ -408,7 +409,16 @@ class Engine:
 
     def _cancel(self, query_id: int) -> None:
         if query_id in self._inflight:
-            self.worker.submit(CancelQuery(query_id))
+            self._command(CancelQuery(query_id))
+
+    def _command(self, command: StartQuery | CancelQuery) -> None:
+        if not self._commands:
+            self.loop.call_soon(self._send_commands)
+        self._commands.append(command)
+
+    def _send_commands(self) -> None:
+        commands, self._commands = self._commands, []
+        self.worker.submit(commands)
 
     # ---- flash queries and events -----------------------------------------------------------
     async def register_flash(self, session_id: str, spec: FlashSpec) -> FlashRegistered:

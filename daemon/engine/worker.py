@@ -99,8 +99,11 @@ class Worker(threading.Thread):
         self.fatal: BaseException | None = None
 
     # ---- called from the event loop thread ---------------------------------------------------
-    def submit(self, command: StartQuery | CancelQuery) -> None:
-        self._commands.put(command)
+    def submit(self, commands: list[StartQuery | CancelQuery]) -> None:
+        """Queues ``commands`` in order, then wakes the worker once, so that queries asked in
+        the same loop turn start in the same worker turn (and prefill in one step)."""
+        for command in commands:
+            self._commands.put(command)
         self.ring.wake()
 
     def stop(self) -> None:
