@@ -52,11 +52,15 @@ def test_failed_session_is_reported_and_fails_its_queries(
         status = engine.status(bad)
         with pytest.raises(InternalError) as refused:
             engine.generate(bad, QUESTION)
+        with pytest.raises(InternalError) as push_refused:
+            await engine.push(bad, ["MSFT 2"])
+        assert engine.status(bad).data_seq == 2  # the refused push took no seq
         answer = await engine.generate(good, QUESTION).result()
         await engine.push(good, ["AAPL 4"])
         later = await engine.generate(good, QUESTION).result()
         good_status = engine.status(good)
         await engine.close_session(bad)
+        assert "cannot take data" in str(push_refused.value)
         return waited.value, status, refused.value, answer, later, good_status
 
     waited, status, refused, answer, later, good_status = run_engine(model, scenario)

@@ -246,6 +246,11 @@ class Engine:
     async def push(self, session_id: str, data: list[Any]) -> PushReply:
         self._check_accepting()
         session = self._session(session_id)
+        if session.error is not None:  # its data would only queue up behind the failure
+            raise InternalError(
+                f"session {session_id!r} cannot take data: {session.error}; "
+                "close it and open a new one"
+            )
         if not data:
             raise InvalidRequest("data is empty: push at least one entry")
         if len(data) > self.config.max_push_entries:
