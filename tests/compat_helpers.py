@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,21 @@ def start_scripted_daemon(root: Path, style: str) -> DaemonProcess:
     folder = make_scripted_checkpoint(root / f"scripted-{style}", style)
     args = ["--model", str(folder), "--cache-dir", str(root / "cache"), "--log-format", "text"]
     return start_daemon(args, env={"LIVELM_API_KEYS": API_KEY}, log_dir=root)
+
+
+def serve_scripted(root: Path, style: str) -> Iterator[DaemonProcess]:
+    """A module fixture's body: the scripted daemon, stopped cleanly after the module."""
+    daemon = start_scripted_daemon(root, style)
+    yield daemon
+    assert daemon.stop() == 0, daemon.log_text()
+
+
+def start_capped_demo_daemon(root: Path, max_new_tokens: int) -> DaemonProcess:
+    """The demo model with a small ``max_new_tokens``, the ceiling a larger ``max_tokens``
+    is clamped to."""
+    args = ["--model", "demo", "--cache-dir", str(root / "cache"), "--log-format", "text"]
+    env = {"LIVELM_MAX_NEW_TOKENS": str(max_new_tokens)}
+    return start_daemon(args, env=env, log_dir=root)
 
 
 def post(daemon: DaemonProcess, path: str, body: Any, key: str | None = None) -> requests.Response:

@@ -20,7 +20,12 @@ from typing import Any
 import tokenizers
 import torch
 
-from tests.tiny_models import LLAMA3_TEMPLATE, _transformers, train_test_tokenizer
+from tests.tiny_models import (
+    LLAMA3_TEMPLATE,
+    _transformers,
+    qwen_tools_system_turn,
+    train_test_tokenizer,
+)
 
 HERMES_SCRIPT = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>'
 LLAMA3_SCRIPT = '{"name": "get_weather", "parameters": {"city": "Paris"}}'
@@ -28,20 +33,12 @@ SCRIPT_GAIN = 12.0  # multiple of a unit vector; the scripted logit is this time
 
 # Qwen-2.5-like: tools in the system turn, prior calls as <tool_call> blocks, tool results as
 # <tool_response> in a user turn.
-HERMES_TEMPLATE = """{%- if tools %}
-    {{- '<|im_start|>system\\n' }}
-    {%- if messages[0]['role'] == 'system' %}
-        {{- messages[0]['content'] }}
-    {%- else %}
-        {{- 'You are a helpful assistant.' }}
-    {%- endif %}
-    {{- "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
-    {%- for tool in tools %}
-        {{- "\\n" }}
-        {{- tool | tojson }}
-    {%- endfor %}
-    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
-{%- else %}
+HERMES_TEMPLATE = (
+    qwen_tools_system_turn(
+        "\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>",
+        '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n',
+    )
+    + """{%- else %}
     {%- if messages[0]['role'] == 'system' %}
         {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
     {%- else %}
@@ -83,6 +80,7 @@ HERMES_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
+)
 
 _STYLES: dict[str, dict[str, Any]] = {
     "hermes": {

@@ -18,12 +18,14 @@ from tests.compat_helpers import (
     WEATHER_TOOL,
     open_raw_session,
     post,
+    serve_scripted,
     session_generate,
-    start_scripted_daemon,
+    start_capped_demo_daemon,
 )
 from tests.daemon_process import DaemonProcess
 
 GREEDY = {"temperature": 0}
+CAP = 6  # max_new_tokens of the capped daemon
 QUESTION = [{"role": "user", "content": "Is the trend up or down today?"}]
 TOOL = {
     "name": "get_weather",
@@ -43,9 +45,7 @@ def client(demo_daemon: DaemonProcess) -> anthropic.Anthropic:
 
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    daemon = start_scripted_daemon(tmp_path_factory.mktemp("anthropic-hermes"), "hermes")
-    yield daemon
-    assert daemon.stop() == 0, daemon.log_text()
+    yield from serve_scripted(tmp_path_factory.mktemp("anthropic-hermes"), "hermes")
 
 
 def _greedy(client: anthropic.Anthropic, **kw) -> anthropic.types.Message:
@@ -154,6 +154,7 @@ def test_session_id_asks_over_the_sessions_context(client, demo_daemon: DaemonPr
     [
         ({"extra": {"temperature": -1}}, "temperature"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"max_tokens": 2.5}, "max_tokens"),
         ({"messages": []}, "messages is empty"),
         ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "image"),
         ({"messages": [*QUESTION, {"role": "assistant", "content": "Up"}]}, "prefill"),
@@ -167,6 +168,19 @@ def test_bad_requests_raise_bad_request_error(client, kw: dict, words: str) -> N
     body = caught.value.response.json()
     assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     assert words in body["error"]["message"]
+
+
+def test_a_large_max_tokens_is_clamped_to_the_daemons_limit(client, tmp_path) -> None:
+    """Agent clients (Claude Code) send max_tokens 32000; the answer stops at the daemon's
+    max_new_tokens instead of the request being refused."""
+    expected = _greedy(client, max_tokens=CAP)
+    daemon = start_capped_demo_daemon(tmp_path, CAP)
+    try:
+        message = _greedy(_client(daemon), max_tokens=32000)
+        assert message.stop_reason == "max_tokens" and message.usage.output_tokens == CAP
+        assert _text(message) == _text(expected)
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
 
 
 def test_missing_max_tokens_is_a_400_in_anthropic_shape(demo_daemon: DaemonProcess) -> None:

@@ -14,23 +14,11 @@ from livelm.daemon.http import anthropic_requests, openai_requests
 from livelm.daemon.model import chat
 from livelm.daemon.model.demo import ensure_demo_model
 from livelm.daemon.model.tokenizer import Tokenizer
+from tests.compat_helpers import WEATHER_TOOL
 from tests.scripted_model import make_scripted_checkpoint
 from tests.tiny_models import _transformers, train_test_tokenizer
 
-TOOLS = [
-    {
-        "type": "function",
-        "function": {
-            "name": "get_weather",
-            "description": "The weather in a city",
-            "parameters": {
-                "type": "object",
-                "properties": {"city": {"type": "string"}},
-                "required": ["city"],
-            },
-        },
-    }
-]
+TOOLS = [WEATHER_TOOL]
 CALL = {
     "id": "call_1",
     "type": "function",

@@ -15,13 +15,16 @@ from tests.compat_helpers import (
     WEATHER_TOOL,
     open_raw_session,
     post,
+    serve_scripted,
     session_generate,
+    start_capped_demo_daemon,
     start_scripted_daemon,
 )
 from tests.daemon_process import DaemonProcess
 from tests.tiny_models import _transformers
 
 QUESTION = [{"role": "user", "content": "Is the trend up or down today?"}]
+CAP = 6  # max_new_tokens of the capped daemon
 
 
 def _client(daemon: DaemonProcess, key: str = "unused") -> openai.OpenAI:
@@ -35,9 +38,7 @@ def client(demo_daemon: DaemonProcess) -> openai.OpenAI:
 
 @pytest.fixture(scope="module")
 def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
-    daemon = start_scripted_daemon(tmp_path_factory.mktemp("openai-hermes"), "hermes")
-    yield daemon
-    assert daemon.stop() == 0, daemon.log_text()
+    yield from serve_scripted(tmp_path_factory.mktemp("openai-hermes"), "hermes")
 
 
 def _greedy(client: openai.OpenAI, **kw) -> openai.types.chat.ChatCompletion:
@@ -181,6 +182,20 @@ def test_max_tokens_and_max_completion_tokens_cut_with_length(client: openai.Ope
         assert reply.usage.completion_tokens == 3
 
 
+def test_a_large_max_tokens_is_clamped_to_the_daemons_limit(client, tmp_path) -> None:
+    """A max_tokens above the daemon's max_new_tokens ends the answer there (``length``)."""
+    expected = _greedy(client, messages=QUESTION, max_tokens=CAP).choices[0].message.content
+    daemon = start_capped_demo_daemon(tmp_path, CAP)
+    try:
+        for field in ("max_tokens", "max_completion_tokens"):
+            reply = _greedy(_client(daemon), messages=QUESTION, **{field: 10**9})
+            assert reply.choices[0].finish_reason == "length"
+            assert reply.usage.completion_tokens == CAP
+            assert reply.choices[0].message.content == expected
+    finally:
+        assert daemon.stop() == 0, daemon.log_text()
+
+
 def test_a_repeated_prompt_reuses_cached_tokens(client: openai.OpenAI) -> None:
     messages = [{"role": "user", "content": "A question asked twice, about bond yields."}]
     first = _greedy(client, messages=messages, max_tokens=4)
@@ -196,7 +211,8 @@ def test_a_repeated_prompt_reuses_cached_tokens(client: openai.OpenAI) -> None:
     [
         ({"n": 2}, "n must be 1"),
         ({"temperature": -1}, "temperature"),
-        ({"max_tokens": 10**9}, "max_tokens"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"max_completion_tokens": 2.5}, "max_completion_tokens"),
         ({"messages": []}, "messages is empty"),
         (
             {

@@ -74,21 +74,33 @@ LLAMA3_TEMPLATE = """{{- bos_token }}
 {%- endif %}
 """
 
-# Qwen-like ChatML: a default system turn, tools listed as JSON lines.
-CHATML_TEMPLATE = """{%- if tools %}
+# Qwen's system turn when tools are offered: the system text (or a default), then the tools
+# as JSON lines between two texts (TOOLS_INTRO, TOOLS_OUTRO: jinja string contents).
+_QWEN_TOOLS_SYSTEM_TURN = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0]['role'] == 'system' %}
         {{- messages[0]['content'] }}
     {%- else %}
         {{- 'You are a helpful assistant.' }}
     {%- endif %}
-    {{- "\\n\\n# Tools\\n\\n<tools>" }}
+    {{- "TOOLS_INTRO" }}
     {%- for tool in tools %}
         {{- "\\n" }}
         {{- tool | tojson }}
     {%- endfor %}
-    {{- "\\n</tools><|im_end|>\\n" }}
-{%- elif messages[0]['role'] != 'system' %}
+    {{- "TOOLS_OUTRO" }}
+"""
+
+
+def qwen_tools_system_turn(intro: str, outro: str) -> str:
+    """The ``{%- if tools %}`` branch opening a Qwen-like template (see above)."""
+    return _QWEN_TOOLS_SYSTEM_TURN.replace("TOOLS_INTRO", intro).replace("TOOLS_OUTRO", outro)
+
+
+# Qwen-like ChatML: a default system turn, tools listed as JSON lines.
+CHATML_TEMPLATE = (
+    qwen_tools_system_turn("\\n\\n# Tools\\n\\n<tools>", "\\n</tools><|im_end|>\\n")
+    + """{%- elif messages[0]['role'] != 'system' %}
     {{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}
 {%- endif %}
 {%- for message in messages %}
@@ -101,6 +113,7 @@ CHATML_TEMPLATE = """{%- if tools %}
     {{- '<|im_start|>assistant\\n' }}
 {%- endif %}
 """
+)
 
 _EXTRA_CORPUS = [
     "Café au lait, naïve façade, jalapeño, Zürich and São Paulo.",

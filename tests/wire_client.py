@@ -10,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import itertools
 import socket
+from abc import ABC, abstractmethod
 from collections import deque
-from typing import Any
+from typing import Any, Self
 
 import msgspec
 from websockets.sync.client import ClientConnection
@@ -27,16 +28,52 @@ class Closed(Exception):
     """The daemon closed the connection."""
 
 
-class TcpClient:
-    def __init__(self, port: int, timeout: float = TIMEOUT) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self._decoder = FrameDecoder(ANY_SIZE)
-        self._inbox: deque[dict[str, Any]] = deque()
+class _Requester(ABC):
+    """Request ids, replies matched to their request, and ``with`` closing: what both blocking
+    clients share over their own ``send``/``recv``."""
+
+    def __init__(self) -> None:
         self.others: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
 
+    @abstractmethod
+    def send(self, msg: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def recv(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def close(self) -> None: ...
+
     def next_id(self) -> int:
         return next(self._ids)
+
+    def reply_to(self, request_id: int) -> dict[str, Any]:
+        """The next message with this id; others are kept in ``self.others``."""
+        while True:
+            msg = self.recv()
+            if msg.get("id") == request_id:
+                return msg
+            self.others.append(msg)
+
+    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
+        msg = {"id": self.next_id(), **msg}
+        self.send(msg)
+        return self.reply_to(msg["id"])
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class TcpClient(_Requester):
+    def __init__(self, port: int, timeout: float = TIMEOUT) -> None:
+        super().__init__()
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self._decoder = FrameDecoder(ANY_SIZE)
+        self._inbox: deque[dict[str, Any]] = deque()
 
     def send(self, msg: dict[str, Any]) -> None:
         self.sock.sendall(encode_frame(msgspec.msgpack.encode(msg)))
@@ -53,19 +90,6 @@ class TcpClient:
                 self._inbox.append(msgspec.msgpack.decode(payload))
         return self._inbox.popleft()
 
-    def reply_to(self, request_id: int) -> dict[str, Any]:
-        """The next message with this id; others are kept in ``self.others``."""
-        while True:
-            msg = self.recv()
-            if msg.get("id") == request_id:
-                return msg
-            self.others.append(msg)
-
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        msg = {"id": self.next_id(), **msg}
-        self.send(msg)
-        return self.reply_to(msg["id"])
-
     def wait_closed(self) -> list[dict[str, Any]]:
         """Every message until the daemon closes the connection."""
         received = []
@@ -78,28 +102,18 @@ class TcpClient:
     def close(self) -> None:
         self.sock.close()
 
-    def __enter__(self) -> TcpClient:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class WsClient:
+class WsClient(_Requester):
     """The same over ``/v1/ws``: ``binary`` sends MessagePack frames, else JSON text frames."""
 
     def __init__(self, url: str, binary: bool, headers: dict[str, str] | None = None) -> None:
+        super().__init__()
         self.binary = binary
         connection = ws_connect(
             url, additional_headers=headers, open_timeout=TIMEOUT, max_size=None
         )
         self.ws: ClientConnection = connection.__enter__()  # closed by close()
-        self.others: list[dict[str, Any]] = []
-        self._ids = itertools.count(1)
         self.kinds: set[str] = set()  # "binary" / "text": the frame kinds received
-
-    def next_id(self) -> int:
-        return next(self._ids)
 
     def send(self, msg: dict[str, Any], binary: bool | None = None) -> None:
         """In the client's encoding, or the one given."""
@@ -120,26 +134,8 @@ class WsClient:
     def recv(self) -> dict[str, Any]:
         return self.recv_frame()[0]
 
-    def reply_to(self, request_id: int) -> dict[str, Any]:
-        while True:
-            msg = self.recv()
-            if msg.get("id") == request_id:
-                return msg
-            self.others.append(msg)
-
-    def request(self, msg: dict[str, Any]) -> dict[str, Any]:
-        msg = {"id": self.next_id(), **msg}
-        self.send(msg)
-        return self.reply_to(msg["id"])
-
     def close(self) -> None:
         self.ws.close()
-
-    def __enter__(self) -> WsClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 class AsyncTcpClient:

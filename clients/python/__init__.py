@@ -12,12 +12,20 @@ exceptions of ``livelm.protocol.errors`` (``UnknownSession``, ``Overloaded``, ..
 """
 
 from livelm.client.base import ClientBase, EventStream, TokenStream
-from livelm.client.errors import (
+from livelm.client.errors import (  # the daemon's typed errors and the client's own
     BadFrame,
     ConnectionLost,
+    ContextFull,
     DaemonUnreachable,
+    InternalError,
     InvalidReply,
+    InvalidRequest,
+    LiveLMError,
+    Overloaded,
+    TooLarge,
+    Unauthorized,
     UnknownErrorCode,
+    UnknownSession,
 )
 from livelm.client.http import HttpClient
 from livelm.client.message_client import MessageClient
@@ -34,16 +42,6 @@ from livelm.client.replies import (
 from livelm.client.sync import SyncClient
 from livelm.client.tcp import connect_tcp
 from livelm.client.ws import connect_ws
-from livelm.protocol.errors import (
-    ContextFull,
-    InternalError,
-    InvalidRequest,
-    LiveLMError,
-    Overloaded,
-    TooLarge,
-    Unauthorized,
-    UnknownSession,
-)
 
 __all__ = [
     "BadFrame",

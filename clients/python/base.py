@@ -12,7 +12,7 @@ import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypedDict, TypeVar, Unpack
 
 from livelm.client.errors import InvalidReply
 from livelm.client.replies import (
@@ -36,6 +36,26 @@ SUBSCRIBED = "subscribed"  # what a transport's event stream yields first, once 
 def compact(**fields: Any) -> dict[str, Any]:
     """The fields that are set: an absent option lets the daemon apply its default."""
     return {key: value for key, value in fields.items() if value is not None}
+
+
+class AnswerOptions(TypedDict, total=False):
+    """The options of ``generate`` and ``stream_generate`` (keyword arguments)."""
+
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    top_k: int | None
+    seed: int | None
+    stop: str | list[str] | None
+    choices: list[str] | None
+
+
+def answer_fields(prompt: str, stream: bool, options: AnswerOptions) -> dict[str, Any]:
+    """A generate request's fields; an unknown option is a TypeError, as for a plain signature."""
+    unknown = options.keys() - AnswerOptions.__annotations__.keys()
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+    return {"prompt": prompt, **compact(**options), "stream": stream}
 
 
 class TokenStream:
@@ -135,57 +155,17 @@ class ClientBase(ABC):
         return ack_seq(await self._request("push", session_id, {"data": list(data)}))
 
     async def generate(
-        self,
-        session_id: str,
-        prompt: str,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        choices: list[str] | None = None,
+        self, session_id: str, prompt: str, **options: Unpack[AnswerOptions]
     ) -> DoneReply:
         """The answer; options left out take the daemon's defaults (docs/API.md)."""
-        fields = compact(
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            choices=choices,
-        )
-        fields["stream"] = False
+        fields = answer_fields(prompt, False, options)
         return decode_reply(await self._request("generate", session_id, fields), DoneReply)
 
     def stream_generate(
-        self,
-        session_id: str,
-        prompt: str,
-        *,
-        max_tokens: int | None = None,
-        temperature: float | None = None,
-        top_p: float | None = None,
-        top_k: int | None = None,
-        seed: int | None = None,
-        stop: str | list[str] | None = None,
-        choices: list[str] | None = None,
+        self, session_id: str, prompt: str, **options: Unpack[AnswerOptions]
     ) -> TokenStream:
         """The answer token by token (the same options as ``generate``)."""
-        fields = compact(
-            prompt=prompt,
-            max_tokens=max_tokens,
-            temperature=temperature,
-            top_p=top_p,
-            top_k=top_k,
-            seed=seed,
-            stop=stop,
-            choices=choices,
-        )
-        fields["stream"] = True
+        fields = answer_fields(prompt, True, options)
         return TokenStream(self._request_stream("generate", session_id, fields))
 
     async def flash(self, session_id: str, query: str, max_tokens: int | None = None) -> int:

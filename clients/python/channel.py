@@ -11,6 +11,7 @@ from typing import Any, Protocol
 import msgspec
 
 from livelm.client.errors import InvalidReply
+from livelm.protocol.errors import TooLarge
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # PROTOCOL.md's default, until the welcome says otherwise
 
@@ -35,12 +36,20 @@ class MessageCodec:
 
     def __init__(self, binary: bool = True) -> None:
         self.binary = binary
+        self.max_frame = DEFAULT_MAX_FRAME  # the daemon's, once its welcome has said
         module = msgspec.msgpack if binary else msgspec.json
         self._encoder = module.Encoder()
         self._decoder = module.Decoder()
 
     def encode(self, message: dict[str, Any]) -> bytes:
-        return self._encoder.encode(message)
+        """``TooLarge`` for a message over ``max_frame``: refused before it is sent."""
+        payload = self._encoder.encode(message)
+        if len(payload) > self.max_frame:
+            raise TooLarge(
+                f"a {message.get('type')!r} message of {len(payload)} bytes exceeds the "
+                f"daemon's max_frame ({self.max_frame} bytes)"
+            )
+        return payload
 
     def decode(self, payload: bytes | str) -> dict[str, Any]:
         try:

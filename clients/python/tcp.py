@@ -9,7 +9,7 @@ from typing import Any
 from livelm.client.channel import DEFAULT_MAX_FRAME, MessageCodec
 from livelm.client.errors import ConnectionLost, DaemonUnreachable, InvalidReply, os_reason
 from livelm.client.message_client import MessageClient
-from livelm.protocol.errors import LiveLMError, TooLarge
+from livelm.protocol.errors import LiveLMError
 from livelm.protocol.framing import FrameDecoder, encode_frame
 
 READ_CHUNK = 64 * 1024
@@ -22,21 +22,15 @@ class TcpChannel:
         self._reader = reader
         self._writer = writer
         self._codec = MessageCodec(binary=True)
-        self._max_frame = DEFAULT_MAX_FRAME
         self._decoder = FrameDecoder(DEFAULT_MAX_FRAME)
         self._frames: deque[bytes] = deque()
 
     def set_max_frame(self, max_frame: int) -> None:
-        self._max_frame = max_frame
+        self._codec.max_frame = max_frame
         self._decoder.max_frame = max_frame
 
     async def send(self, message: dict[str, Any]) -> None:
         payload = self._codec.encode(message)
-        if len(payload) > self._max_frame:
-            raise TooLarge(
-                f"a {message.get('type')!r} message of {len(payload)} bytes exceeds the "
-                f"daemon's max_frame ({self._max_frame} bytes)"
-            )
         if self._writer.is_closing():
             raise ConnectionLost(f"the connection to {self.description} is closed")
         self._writer.write(encode_frame(payload))

@@ -10,7 +10,7 @@ import msgspec
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from livelm.client.channel import DEFAULT_MAX_FRAME, MessageCodec
+from livelm.client.channel import MessageCodec
 from livelm.client.errors import (
     ConnectionLost,
     DaemonUnreachable,
@@ -19,7 +19,7 @@ from livelm.client.errors import (
     os_reason,
 )
 from livelm.client.message_client import MessageClient
-from livelm.protocol.errors import LiveLMError, TooLarge
+from livelm.protocol.errors import LiveLMError
 
 WS_PATH = "/v1/ws"
 
@@ -29,18 +29,12 @@ class WsChannel:
         self.description = where
         self._ws = ws
         self._codec = MessageCodec(binary=binary)
-        self._max_frame = DEFAULT_MAX_FRAME
 
     def set_max_frame(self, max_frame: int) -> None:
-        self._max_frame = max_frame
+        self._codec.max_frame = max_frame
 
     async def send(self, message: dict[str, Any]) -> None:
         payload = self._codec.encode(message)
-        if len(payload) > self._max_frame:
-            raise TooLarge(
-                f"a {message.get('type')!r} message of {len(payload)} bytes exceeds the "
-                f"daemon's max_frame ({self._max_frame} bytes)"
-            )
         try:
             await self._ws.send(payload if self._codec.binary else payload.decode())
         except ConnectionClosed as exc:

@@ -21,8 +21,8 @@ from livelm.daemon.http.anthropic_requests import (
     question_text,
     tools_for_template,
 )
-from livelm.daemon.http.compat_stream import named_event, stream_answer
 from livelm.daemon.http.sessions import decode_json, json_response
+from livelm.daemon.http.sse import named_event, stream_answer
 from livelm.daemon.model import chat
 from livelm.daemon.model.tool_calls import ParsedAnswer, ToolCall, parse_answer
 from livelm.daemon.model.tool_stream import ToolStream
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from livelm.daemon.engine.conversations import Completion
     from livelm.daemon.engine.engine import Engine
     from livelm.daemon.model.tool_calls import ToolFormat
-    from livelm.protocol.messages import DoneReply
+    from livelm.protocol.messages import DoneReply, TokenEvent
 
 MESSAGES_PATH = "/v1/messages"
 
@@ -148,8 +148,8 @@ class _Events:
         start = {"type": "message_start", "message": self.reply.message([], None)}
         return [named_event("message_start", start), named_event("ping", {"type": "ping"})]
 
-    def text(self, text: str) -> list[bytes]:
-        return self._show(self.tools.feed(text))
+    def token(self, event: TokenEvent) -> list[bytes]:
+        return self._show(self.tools.feed(event.text))
 
     def _show(self, shown: str) -> list[bytes]:
         if not shown:

@@ -67,16 +67,19 @@ def stop_list(stop: str | list[str] | None) -> list[str]:
 
 
 def generate_request(engine: Engine, prompt_tokens: int, sampling: Sampling) -> GenerateRequest:
-    """The engine's request; without ``max_tokens``, as many as the model's context and the
-    daemon's ``max_new_tokens`` leave room for."""
-    max_tokens = sampling.max_tokens
-    if max_tokens is None:
-        max_tokens = min(engine.config.max_new_tokens, engine.max_context - prompt_tokens)
-        if max_tokens < 1:
-            raise InvalidRequest(
-                f"the prompt takes {prompt_tokens} tokens, the model's whole context of "
-                f"{engine.max_context}"
-            )
+    """The engine's request. ``max_tokens`` is a ceiling, as OpenAI's and Anthropic's clients
+    use it: agent clients send large values (Claude Code asks for 32000), so a value above what
+    the daemon allows (its ``max_new_tokens`` and the room left in the model's context) is
+    clamped to that rather than refused; without one, the answer may take all of it."""
+    if sampling.max_tokens is not None and sampling.max_tokens < 1:
+        raise InvalidRequest(f"max_tokens must be a positive integer, got {sampling.max_tokens}")
+    room = min(engine.config.max_new_tokens, engine.max_context - prompt_tokens)
+    if room < 1:
+        raise InvalidRequest(
+            f"the prompt takes {prompt_tokens} tokens, the model's whole context of "
+            f"{engine.max_context}"
+        )
+    max_tokens = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
     temperature = sampling.temperature
     return GenerateRequest(
         prompt="",

@@ -17,7 +17,8 @@ import msgspec
 from aiohttp import web
 
 from livelm.daemon.engine.events import SessionEvent, Subscription
-from livelm.daemon.http.sessions import SSE_HEADERS, decode_json, json_response
+from livelm.daemon.http.sessions import decode_json, json_response
+from livelm.daemon.http.sse import SSE_HEADERS
 from livelm.daemon.logs import get_logger
 from livelm.protocol.errors import InvalidRequest
 from livelm.protocol.messages import FlashSpec

@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from livelm.daemon.http import compat
-from livelm.daemon.http.compat_stream import data_line, stream_answer
 from livelm.daemon.http.openai_requests import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -22,6 +21,7 @@ from livelm.daemon.http.openai_requests import (
     tools_for_template,
 )
 from livelm.daemon.http.sessions import decode_json, json_response
+from livelm.daemon.http.sse import data_line, stream_answer
 from livelm.daemon.model import chat
 from livelm.daemon.model.tool_calls import ParsedAnswer, ToolCall, parse_answer
 from livelm.daemon.model.tool_stream import ToolStream
@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from livelm.daemon.engine.conversations import Completion
     from livelm.daemon.engine.engine import Engine
     from livelm.daemon.model.tool_calls import ToolFormat
-    from livelm.protocol.messages import DoneReply
+    from livelm.protocol.messages import DoneReply, TokenEvent
 
 OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions", "/v1/models")
 DONE_LINE = b"data: [DONE]\n\n"
@@ -199,8 +199,8 @@ class _ChatChunks:
     def start(self) -> list[bytes]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def text(self, text: str) -> list[bytes]:
-        shown = self.tools.feed(text)
+    def token(self, event: TokenEvent) -> list[bytes]:
+        shown = self.tools.feed(event.text)
         return [self._chunk({"content": shown})] if shown else []
 
     def end(self, done: DoneReply) -> list[bytes]:
@@ -234,8 +234,8 @@ class _TextChunks:
     def start(self) -> list[bytes]:
         return []
 
-    def text(self, text: str) -> list[bytes]:
-        return [self._chunk(text)] if text else []
+    def token(self, event: TokenEvent) -> list[bytes]:
+        return [self._chunk(event.text)] if event.text else []
 
     def end(self, done: DoneReply) -> list[bytes]:
         chunks = [self._chunk("", _finish_reason(done, ParsedAnswer(done.text)))]

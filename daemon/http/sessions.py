@@ -15,24 +15,17 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import msgspec
 from aiohttp import web
 
-from livelm.daemon.http.errors import classify, error_body
-from livelm.daemon.logs import get_logger
-from livelm.protocol.errors import InvalidRequest, LiveLMError
+from livelm.daemon.http.sse import named_event, sse_event, stream_answer
+from livelm.protocol.errors import InvalidRequest
 from livelm.protocol.messages import GenerateRequest, InitRequest, PushRequest
 
 if TYPE_CHECKING:
-    from livelm.daemon.engine.engine import Engine, QueryHandle
-
-log = get_logger(__name__)
+    from livelm.daemon.engine.engine import Engine
+    from livelm.protocol.messages import DoneReply, TokenEvent
 
 T = TypeVar("T")
 
 NDJSON_TYPES = ("application/x-ndjson", "application/ndjson", "application/jsonl")
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream; charset=utf-8",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",  # keep reverse proxies from buffering the stream
-}
 
 _any_json = msgspec.json.Decoder()
 
@@ -71,10 +64,6 @@ def decode_lines(body: bytes, as_json: bool) -> list[Any]:
     return entries
 
 
-def sse_event(name: str, data: bytes) -> bytes:
-    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
-
-
 class SessionRoutes:
     def __init__(self, engine_for: Callable[[], Engine]) -> None:
         self.engine_for = engine_for
@@ -110,7 +99,7 @@ class SessionRoutes:
         req = decode_json(await request.read(), GenerateRequest)
         handle = engine.generate(request.match_info["id"], req)
         if req.stream:
-            return await _stream(request, handle)
+            return await stream_answer(request, handle, _AnswerEvents())
         try:
             done = await handle.result()
         except BaseException:
@@ -130,37 +119,17 @@ class SessionRoutes:
         return json_response({"closed": True, "session_id": session_id})
 
 
-async def _stream(request: web.Request, handle: QueryHandle) -> web.StreamResponse:
-    """Answer as SSE: ``token`` events, then ``done`` (or ``error`` if the query fails)."""
-    response = web.StreamResponse(headers=SSE_HEADERS)
-    finished = False
-    try:
-        await response.prepare(request)
-        async for event in handle:
-            await response.write(sse_event("token", msgspec.json.encode(event)))
-        done = await handle.result()
-        finished = True
-        await response.write(sse_event("done", msgspec.json.encode(done)))
-        await response.write_eof()
-    except ConnectionResetError:
-        log.debug("stream client went away", extra={"path": request.path})
-    except Exception as exc:
-        if not response.prepared:
-            raise
-        # headers are sent: the error travels as an event
-        await _write_error(request, response, exc)
-    finally:
-        if not finished:
-            handle.cancel()
-    return response
+class _AnswerEvents:
+    """The answer as SSE: ``token`` events, then ``done`` (or ``error`` if the query fails)."""
 
+    def start(self) -> list[bytes]:
+        return []
 
-async def _write_error(request: web.Request, response: web.StreamResponse, exc: Exception) -> None:
-    if not isinstance(exc, LiveLMError):
-        log.exception("query stream failed", extra={"path": request.path})
-    body = error_body(classify(exc, request), request.path)
-    try:
-        await response.write(sse_event("error", body))
-        await response.write_eof()
-    except ConnectionResetError:
-        log.debug("stream client went away", extra={"path": request.path})
+    def token(self, event: TokenEvent) -> list[bytes]:
+        return [named_event("token", event)]
+
+    def end(self, done: DoneReply) -> list[bytes]:
+        return [named_event("done", done)]
+
+    def error(self, body: bytes) -> bytes:
+        return sse_event("error", body)

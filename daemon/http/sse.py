@@ -1,6 +1,8 @@
-"""Streams one answer as SSE in an API family's shape: the shape turns the answer's start,
-text pieces and end into SSE bytes; this drives it, turns a failure after the headers into
-the shape's error event, and cancels the query when the client goes away.
+"""Server-sent events: the headers, event bytes, and streaming one answer in a shape.
+
+A shape (the session routes' own, OpenAI's chunks, Anthropic's events) turns the answer's
+start, tokens and end into SSE bytes; ``stream_answer`` drives it, turns a failure after the
+headers into the shape's error event, and cancels the query when the client goes away.
 """
 
 from __future__ import annotations
@@ -11,22 +13,31 @@ import msgspec
 from aiohttp import web
 
 from livelm.daemon.http.errors import classify, error_body
-from livelm.daemon.http.sessions import SSE_HEADERS, sse_event
 from livelm.daemon.logs import get_logger
 from livelm.protocol.errors import LiveLMError
 
 if TYPE_CHECKING:
     from livelm.daemon.engine.query import QueryHandle
-    from livelm.protocol.messages import DoneReply
+    from livelm.protocol.messages import DoneReply, TokenEvent
 
 log = get_logger(__name__)
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache",
+    "X-Accel-Buffering": "no",  # keep reverse proxies from buffering the stream
+}
 
 
 class StreamShape(Protocol):
     def start(self) -> list[bytes]: ...
-    def text(self, text: str) -> list[bytes]: ...
+    def token(self, event: TokenEvent) -> list[bytes]: ...
     def end(self, done: DoneReply) -> list[bytes]: ...
     def error(self, body: bytes) -> bytes: ...
+
+
+def sse_event(name: str, data: bytes) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
 
 
 def data_line(value: Any) -> bytes:
@@ -35,7 +46,7 @@ def data_line(value: Any) -> bytes:
 
 
 def named_event(name: str, value: Any) -> bytes:
-    """``event: NAME`` and ``data: JSON`` (Anthropic's events)."""
+    """``event: NAME`` and ``data: JSON`` (Anthropic's events, the session routes' own)."""
     return sse_event(name, msgspec.json.encode(value))
 
 
@@ -48,7 +59,7 @@ async def stream_answer(
         await response.prepare(request)
         await _write(response, shape.start())
         async for event in handle:
-            await _write(response, shape.text(event.text))
+            await _write(response, shape.token(event))
         done = await handle.result()
         finished = True
         await _write(response, shape.end(done))
@@ -73,9 +84,9 @@ async def _write(response: web.StreamResponse, pieces: list[bytes]) -> None:
 async def _write_error(
     request: web.Request, response: web.StreamResponse, shape: StreamShape, exc: Exception
 ) -> None:
-    """Headers are sent: the error travels in the stream, where the SDKs raise it."""
+    """Headers are sent: the error travels in the stream, where the clients raise it."""
     if not isinstance(exc, LiveLMError):
-        log.exception("completion stream failed", extra={"path": request.path})
+        log.exception("answer stream failed", extra={"path": request.path})
     body = error_body(classify(exc, request), request.path)
     try:
         await response.write(shape.error(body))
