@@ -150,3 +150,16 @@ def test_daemon_counts_cache_hits(demo_daemon) -> None:
     }
     assert values["livelm_token_cache_hits_total"] > 0
     assert values["livelm_token_cache_misses_total"] > 0
+
+
+def test_bulk_batches_use_the_native_encoder_and_stay_exact(tokenizer: Tokenizer) -> None:
+    """Pushes past PIECE_CACHE_MAX_BATCH entries skip the cache (no GIL-bound lookups)."""
+    from livelm.daemon.model.tokenizer import PIECE_CACHE_MAX_BATCH
+
+    cache = tokenizer.piece_cache
+    batch = [f"AAPL t={i} o={180 + i % 7}.25 c={181 + i % 5}.5" for i in range(PIECE_CACHE_MAX_BATCH + 1)]
+    before = (cache.hits, cache.misses)
+    assert tokenizer.encode_batch(batch) == [tokenizer.encode(text) for text in batch]
+    assert (cache.hits, cache.misses) == before
+    assert tokenizer.encode_batch(batch[:2]) == [tokenizer.encode(text) for text in batch[:2]]
+    assert (cache.hits, cache.misses) != before

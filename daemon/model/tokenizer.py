@@ -24,6 +24,7 @@ from livelm.daemon.model.piece_cache import PieceCache, unsupported_reason
 from livelm.protocol.errors import InvalidRequest, ModelLoadError
 
 log = logging.getLogger("livelm.tokenizer")
+PIECE_CACHE_MAX_BATCH = 64  # larger batches go to the native batch encoder
 
 # Named special tokens a template may read, as transformers passes them.
 _SPECIAL_TOKEN_NAMES = (
@@ -83,8 +84,14 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each text, as ``encode`` gives them (through the piece cache if on)."""
-        if self.piece_cache is not None:
+        """Token ids of each text, as ``encode`` gives them: through the piece cache (if on)
+        for batches of up to PIECE_CACHE_MAX_BATCH texts, else with the native batch encoder.
+
+        Both are exact. The cache saves latency on the small pushes of a live feed; on bulk
+        loads it is no faster (measured on the demo tokenizer: 114 against 104 µs per entry
+        at 10,000 entries) and, being Python, holds the GIL the worker thread needs, while
+        the native encoder releases it and runs on several cores."""
+        if self.piece_cache is not None and len(texts) <= PIECE_CACHE_MAX_BATCH:
             return self.piece_cache.encode_batch(texts, self._encode_whole)
         return self._encode_whole(texts)
 
