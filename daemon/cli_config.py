@@ -27,6 +27,10 @@ CONFIG_FLAGS: dict[str, tuple[str, str]] = {
     "--kv-cache-tokens": ("N", "KV pool size in tokens (default 0 = from free memory)"),
     "--max-batch-tokens": ("N", "token budget of one scheduler step (default 2048)"),
     "--block-size": ("N", "tokens per KV block, a power of two up to 256 (default 16)"),
+    "--max-frame": ("BYTES", "largest TCP frame or WebSocket message (default 16 MiB)"),
+    "--event-buffer": ("N", "events a session keeps for subscribers that fall behind (default 1024)"),
+    "--max-flash-queries": ("N", "flash queries per session (default 16; 0 = off)"),
+    "--prefix-cache-conversations": ("N", "completions kept for KV reuse (default 64; 0 = off)"),
 }
 
 

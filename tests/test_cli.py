@@ -90,6 +90,16 @@ def test_flags_only_given_reach_the_config() -> None:
     assert not hasattr(args, "port")  # not given: env and YAML keep their say
 
 
+def test_streaming_flags_reach_the_config() -> None:
+    from livelm.daemon.cli_config import config_from_args
+
+    flags = ["--max-frame", "4096", "--event-buffer", "7", "--max-flash-queries", "0",
+             "--prefix-cache-conversations", "3"]
+    config = config_from_args(build_parser().parse_args(["serve", *flags]))
+    assert (config.max_frame, config.event_buffer) == (4096, 7)
+    assert (config.max_flash_queries, config.prefix_cache_conversations) == (0, 3)
+
+
 def test_port_in_use_exits_2(tmp_path: Path) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
