@@ -17,7 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-import torch
 import uvloop
 from aiohttp import web
 
@@ -25,9 +24,9 @@ from livelm.daemon.config import Config
 from livelm.daemon.engine.engine import Engine
 from livelm.daemon.http.server import attach_engine, build_app, server_state, start_draining
 from livelm.daemon.kernels.dispatcher import Binding
-from livelm.daemon.kernels.startup import bind_kernels
+from livelm.daemon.kernels.startup import bind_and_load
 from livelm.daemon.logs import ACCESS_LOGGER, AccessLogger, get_logger, setup_logging
-from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for
+from livelm.daemon.model.loader import LoadedModel
 from livelm.daemon.transports.tcp import TcpServer
 from livelm.protocol.errors import ConfigError, ModelLoadError
 
@@ -55,13 +54,14 @@ def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging(config.log_level, config.log_format)
     log.info("starting livelm", extra={"config": config.redacted(), "pid": os.getpid()})
-    try:
-        device, dtype = config.torch_device(), config.torch_dtype()
+    try:  # device and dtype are checked here, before anything listens
+        config.torch_device()
+        config.torch_dtype()
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return EXIT_CONFIG
     try:
-        return uvloop.run(_serve(config, device, dtype))
+        return uvloop.run(_serve(config))
     except StartupError as exc:
         log.error("%s", exc, extra={"exit_code": exc.exit_code})
         return exc.exit_code
@@ -70,7 +70,7 @@ def run(config: Config) -> int:
         return EXIT_ERROR
 
 
-async def _serve(config: Config, device: torch.device, dtype: torch.dtype) -> int:
+async def _serve(config: Config) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
     app = build_app(None, config)
@@ -86,7 +86,7 @@ async def _serve(config: Config, device: torch.device, dtype: torch.dtype) -> in
     try:
         site = await _listen(runner, config)
         await _listen_tcp(tcp, config)
-        engine = await _start_engine(app, config, device, dtype, stop)
+        engine = await _start_engine(app, config, stop)
         if engine is not None:
             await stop.wait()
         log.info("draining", extra={"drain_timeout": config.drain_timeout})
@@ -128,15 +128,11 @@ async def _listen_tcp(tcp: TcpServer, config: Config) -> None:
 
 
 async def _start_engine(
-    app: web.Application,
-    config: Config,
-    device: torch.device,
-    dtype: torch.dtype,
-    stop: asyncio.Event,
+    app: web.Application, config: Config, stop: asyncio.Event
 ) -> Engine | None:
     """Load off the loop thread and start the engine; ``None`` if a signal came first."""
     loop = asyncio.get_running_loop()
-    loading = _in_thread(lambda: _load(config, device, dtype, loop), name="livelm-load")
+    loading = _in_thread(lambda: _load(config, loop), name="livelm-load")
     stopping = asyncio.ensure_future(stop.wait())
     await asyncio.wait({loading, stopping}, return_when=asyncio.FIRST_COMPLETED)
     stopping.cancel()
@@ -151,7 +147,7 @@ async def _start_engine(
         raise StartupError(EXIT_MODEL, f"the engine failed to start: {exc}") from exc
     name = loaded.model.name
     attach_engine(app, loaded.engine, model=name, kernels=loaded.binding.chosen())
-    log.info("engine started", extra={"model": name, "device": str(device)})
+    log.info("engine started", extra={"model": name, "device": str(loaded.model.decoder.device)})
     return loaded.engine
 
 
@@ -162,20 +158,10 @@ class Loaded:
     engine: Engine
 
 
-def _load(
-    config: Config, device: torch.device, dtype: torch.dtype, loop: asyncio.AbstractEventLoop
-) -> Loaded:
+def _load(config: Config, loop: asyncio.AbstractEventLoop) -> Loaded:
     """Bind kernels, load the model, build the engine (its KV pool allocation is slow too)."""
-    binding = bind_kernels(config, model_config_for(config.model, config.cache_path()))
-    model = load_model(
-        config.model,
-        kernels=binding.kernels,
-        dtype=dtype,
-        device=device,
-        cache_dir=config.cache_path(),
-        progress=True,
-    )
-    log.info("model loaded", extra={"model": model.name, "dtype": str(dtype)})
+    binding, model = bind_and_load(config)
+    log.info("model loaded", extra={"model": model.name, "dtype": str(model.decoder.dtype)})
     return Loaded(binding, model, Engine(model, config, loop))
 
 

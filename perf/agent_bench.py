@@ -32,9 +32,9 @@ import torch
 
 from livelm.daemon.config import Config
 from livelm.daemon.engine.engine import Engine
-from livelm.daemon.kernels.startup import bind_kernels
+from livelm.daemon.kernels.startup import bind_and_load
 from livelm.daemon.model.config import ModelConfig
-from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for
+from livelm.daemon.model.loader import LoadedModel
 from livelm.protocol.messages import GenerateRequest
 
 SYSTEM_TOKENS = 600  # the agent's instructions and tool list
@@ -260,15 +260,7 @@ def main() -> int:
         kernel_policy=policy,
     )
     device, dtype = config.torch_device(), config.torch_dtype()
-    binding = bind_kernels(config, model_config_for(args.model, config.cache_path()))
-    model = load_model(
-        args.model,
-        kernels=binding.kernels,
-        dtype=dtype,
-        device=device,
-        cache_dir=config.cache_path(),
-        progress=True,
-    )
+    binding, model = bind_and_load(config)
     model = dataclasses.replace(model, eos_ids=frozenset())  # every turn answers in full
     script = make_script(args, model.config.vocab_size)
     needed = total_tokens(script, args.answer_tokens)

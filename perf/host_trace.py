@@ -31,8 +31,7 @@ from livelm.daemon.engine.engine import Engine  # noqa: E402
 from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
 from livelm.daemon.engine.runner import ModelRunner  # noqa: E402
 from livelm.daemon.engine.worker import Worker  # noqa: E402
-from livelm.daemon.kernels.startup import bind_kernels  # noqa: E402
-from livelm.daemon.model.loader import load_model, model_config_for  # noqa: E402
+from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 from livelm.protocol.messages import GenerateRequest  # noqa: E402
 
 STAGES = [
@@ -181,15 +180,7 @@ def main() -> int:
         kv_cache_tokens=120_000,
         kernel_policy=args.kernel_policy,
     )
-    binding = bind_kernels(config, model_config_for(args.model, config.cache_path()))
-    model = load_model(
-        args.model,
-        kernels=binding.kernels,
-        dtype=config.torch_dtype(),
-        device=config.torch_device(),
-        cache_dir=config.cache_path(),
-        progress=True,
-    )
+    _, model = bind_and_load(config)
     model = dataclasses.replace(model, eos_ids=frozenset())
     trace = Trace()
     for cls, name, label in STAGES:

@@ -23,8 +23,7 @@ from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
 from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.sequence import Sequence  # noqa: E402
-from livelm.daemon.kernels.startup import bind_kernels  # noqa: E402
-from livelm.daemon.model.loader import load_model, model_config_for  # noqa: E402
+from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 
 
 def replay_ms(graphs: StepGraphs, chunk: Chunk, shape: tuple[int, int], repeat: int = 30) -> float:
@@ -77,9 +76,7 @@ def main() -> int:
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
                     kernel_policy=str(Path(__file__).with_name("bench_policy.yaml")))
     ceilings = measure_ceilings(config.torch_device())
-    kernels = bind_kernels(config, model_config_for(args.model, config.cache_path())).kernels
-    model = load_model(args.model, kernels=kernels, dtype=config.torch_dtype(),
-                       device=config.torch_device(), cache_dir=config.cache_path())
+    _, model = bind_and_load(config, progress=False)
     block = 16
     blocks = max(contexts) // block + 64
     cache = KVCache(model.config, blocks, block, config.torch_dtype(), config.torch_device())

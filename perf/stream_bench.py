@@ -34,8 +34,8 @@ from floor import Ceilings, forward_floor_ms, measure_ceilings, prefill_floor_to
 
 from livelm.daemon.config import Config  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
-from livelm.daemon.kernels.startup import bind_kernels  # noqa: E402
-from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for  # noqa: E402
+from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
+from livelm.daemon.model.loader import LoadedModel  # noqa: E402
 from livelm.protocol.messages import GenerateRequest, InitRequest  # noqa: E402
 
 QUESTION = (
@@ -306,12 +306,10 @@ def main() -> int:
     config = Config(model=args.model, device="cuda", dtype=args.dtype, cache_dir=args.cache_dir,
                     kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     kernel_policy=args.kernel_policy)
-    device, dtype = config.torch_device(), config.torch_dtype()
+    device = config.torch_device()
     ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)
-    binding = bind_kernels(config, model_config_for(args.model, config.cache_path()))
-    model = load_model(args.model, kernels=binding.kernels, dtype=dtype, device=device,
-                       cache_dir=config.cache_path(), progress=True)
+    binding, model = bind_and_load(config)
     model = dataclasses.replace(model, eos_ids=frozenset())  # always generate the asked tokens
     results: dict[str, Any] = {"kernels": binding.chosen()}
     print("livelm:", flush=True)

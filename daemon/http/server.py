@@ -7,7 +7,6 @@ The server starts before the model is loaded (so ``/health`` answers during a lo
 from __future__ import annotations
 
 import asyncio
-import hmac
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from livelm.daemon.http.events import EventRoutes
 from livelm.daemon.http.openai_api import OpenAIRoutes
 from livelm.daemon.http.sessions import SessionRoutes, json_response
 from livelm.daemon.metrics import CONTENT_TYPE, HttpMetrics, WireMetrics, render
+from livelm.daemon.transports.auth import KeyCheck
 from livelm.daemon.transports.websocket import WS_PATH, WebSocketRoute
 from livelm.protocol.errors import Overloaded, Unauthorized
 
@@ -152,21 +152,14 @@ def _metrics_middleware(state: ServerState) -> Handler:
 
 
 def _auth_middleware(config: Config) -> Handler:
-    keys = [key.encode() for key in config.api_keys]
+    keys = KeyCheck(config.api_keys)
 
     @web.middleware
     async def check_key(request: web.Request, handler: Handler) -> web.StreamResponse:
         exempt = request.path in OPEN_PATHS or request.path in IN_BAND_AUTH_PATHS
-        if keys and not exempt and not _has_key(request, keys):
+        if keys.required and not exempt and not keys.headers_match(request.headers):
             raise Unauthorized("a valid API key is required (Authorization: Bearer KEY)")
         return await handler(request)
 
     return check_key
 
-
-def _has_key(request: web.Request, keys: list[bytes]) -> bool:
-    auth = request.headers.get("Authorization", "")
-    given = auth[7:] if auth[:7].lower() == "bearer " else request.headers.get("x-api-key", "")
-    # compare against every key so timing does not reveal which one matched
-    matches = [hmac.compare_digest(given.strip().encode(), key) for key in keys]
-    return any(matches)

@@ -7,9 +7,25 @@ from typing import TYPE_CHECKING
 from livelm.daemon.kernels.dispatcher import Binding, ResolveOptions, resolve_kernels, target_for
 from livelm.daemon.kernels.policy import load_policy
 from livelm.daemon.model.config import ModelConfig
+from livelm.daemon.model.loader import LoadedModel, load_model, model_config_for
 
 if TYPE_CHECKING:
     from livelm.daemon.config import Config
+
+
+def bind_and_load(config: Config, *, progress: bool = True) -> tuple[Binding, LoadedModel]:
+    """Binds the kernels for ``config.model``, then loads it with them on the configured
+    device and dtype (the daemon's start-up; the benchmarks load the same way)."""
+    binding = bind_kernels(config, model_config_for(config.model, config.cache_path()))
+    model = load_model(
+        config.model,
+        kernels=binding.kernels,
+        dtype=config.torch_dtype(),
+        device=config.torch_device(),
+        cache_dir=config.cache_path(),
+        progress=progress,
+    )
+    return binding, model
 
 
 def bind_kernels(config: Config, model_config: ModelConfig) -> Binding:
