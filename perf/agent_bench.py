@@ -240,10 +240,44 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kv-cache-tokens", type=int, default=0, help="0: 4x the conversation")
     p.add_argument("--max-batch-tokens", type=int, default=4096)
     p.add_argument("--kernel-policy", default="")
-    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument(
+        "--runs",
+        default="reuse,no_reuse,hf",
+        help="which runs, comma-separated, of: reuse, no_reuse, hf",
+    )
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the other runs of an existing results file of the same commit and script "
+        "(so runs that together exceed one time limit can be made in two processes)",
+    )
     p.add_argument("--cache-dir", default=os.environ.get("LIVELM_HOME", "/tmp/livelm-cache"))
     p.add_argument("--out", default="perf/results")
-    return p.parse_args()
+    args = p.parse_args()
+    unknown = set(args.runs.split(",")) - {key for key, _ in RUNS}
+    if unknown:
+        p.error(f"--runs: unknown {sorted(unknown)}; choose from reuse, no_reuse, hf")
+    return args
+
+
+SCRIPT_ARGS = ("model", "turns", "tool_min", "tool_max", "answer_tokens", "seed")
+
+
+def merged(path: Path, results: dict) -> dict:
+    """``results`` plus the runs of an earlier file at ``path`` measured on the same commit
+    with the same script; a mismatch is refused rather than mixed."""
+    if not path.exists():
+        return results
+    old = json.loads(path.read_text())
+    meta, old_meta = results["meta"], old["meta"]
+    same = old_meta["commit"] == meta["commit"] and all(
+        old_meta["args"][k] == meta["args"][k] for k in SCRIPT_ARGS
+    )
+    if not same:
+        raise SystemExit(f"--merge: {path} was measured on another commit or script")
+    runs = {key: old[key] for key, _ in RUNS if key in old and key not in results}
+    meta["merged_runs"] = sorted(runs)
+    return {**old, **runs, **results}
 
 
 def main() -> int:
@@ -273,22 +307,25 @@ def main() -> int:
         config, kv_cache_tokens=args.kv_cache_tokens or 4 * needed + 4096
     )
     results: dict[str, Any] = {"kernels": binding.chosen()}
+    runs = args.runs.split(",")
     print(f"{args.turns} turns, {needed} tokens in all, on {device} in {dtype}", flush=True)
-    print("livelm with reuse:", flush=True)
     # on CUDA the warm-up replays every shape (Triton compiles per shape); elsewhere two turns
     warm_turns = None if device.type == "cuda" else 2
-    results["reuse"] = asyncio.run(
-        engine_turns(model, config, script, args.answer_tokens, warm_turns)
-    )
-    print("livelm with reuse off:", flush=True)
-    off = msgspec.structs.replace(config, prefix_cache_conversations=0)
-    results["no_reuse"] = asyncio.run(
-        engine_turns(model, off, script, args.answer_tokens, warm_turns)
-    )
+    if "reuse" in runs:
+        print("livelm with reuse:", flush=True)
+        results["reuse"] = asyncio.run(
+            engine_turns(model, config, script, args.answer_tokens, warm_turns)
+        )
+    if "no_reuse" in runs:
+        print("livelm with reuse off:", flush=True)
+        off = msgspec.structs.replace(config, prefix_cache_conversations=0)
+        results["no_reuse"] = asyncio.run(
+            engine_turns(model, off, script, args.answer_tokens, warm_turns)
+        )
     model_config = model.config
     del model
     gc.collect()
-    if not args.skip_hf:
+    if "hf" in runs:
         print("transformers, re-prefilling each turn:", flush=True)
         results["hf"] = hf_turns(model_config, script, args.answer_tokens, device, dtype)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -303,10 +340,12 @@ def main() -> int:
         "total_tokens": needed,
         "args": vars(args),
     }
-    print(table(results))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{results['meta']['date']}-{gpu.replace(' ', '-').lower()}-agent.json"
+    if args.merge:
+        results = merged(path, results)
+    print(table(results))
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {path}")
     return 0
