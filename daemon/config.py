@@ -61,6 +61,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     kernel_policy: str = ""  # a YAML kernel policy file (lock / allow / deny / prefer)
     kernel_tune: bool = False  # time candidate kernels on the model's shapes at startup (cached)
     cuda_graphs: bool = True  # replay decode steps as CUDA graphs (on CUDA devices)
+    # before ready, compile every kernel variant a step can meet (on CUDA devices)
+    warm_up_kernels: bool = True
     graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
     graph_max_question: int = 128  # the longest question prefill captured (0 = none)
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
@@ -306,6 +308,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "kernel_policy": (lambda v: not v or Path(v).expanduser().is_file(), "a readable YAML file, or empty"),
     "kernel_tune": (lambda v: True, "true or false"),
     "cuda_graphs": (lambda v: True, "true or false"),
+    "warm_up_kernels": (lambda v: True, "true or false"),
     "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
     "graph_max_question": (lambda v: 0 <= v <= 128, "from 0 to 128"),
     "event_buffer": (lambda v: 1 <= v <= 1_000_000, "from 1 to 1000000 events"),

@@ -29,6 +29,7 @@ from livelm.daemon.engine.events import EventHub, Subscription, event_names
 from livelm.daemon.engine.flash import FlashBoard
 from livelm.daemon.engine.formats import render_entry
 from livelm.daemon.engine.graphs import StepGraphs
+from livelm.daemon.engine.warmup import warm_up
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.layout import build_layout
@@ -91,6 +92,8 @@ class Engine:
         cache = KVCache(model.config, num_blocks, block_size, decoder.dtype, decoder.device)
         self.budget = BlockBudget(num_blocks - 1, block_size)  # less the scratch block
         self.ring = Ring(config.ring_words)
+        if config.warm_up_kernels and decoder.device.type == "cuda":
+            warm_up(decoder, cache, config.max_batch_tokens, self.max_context)
         graphs = None
         if config.cuda_graphs and decoder.device.type == "cuda":
             graphs = StepGraphs(

@@ -34,15 +34,19 @@ class StepGraphs:
         seqs, rows = self.decode_sizes[-1], max(self.decode_sizes[-1], max(self.prefill_sizes, default=1))
         self.width = -(-(max_context + rows) // cache.block_size) + 1
         dev = decoder.device
+        # ids, positions, slots and last rows share one int64 buffer, so they take one copy
+        self._rows_i64 = torch.zeros(3 * rows + seqs, dtype=torch.int64, device=dev)
         self._dev = {
-            "ids": torch.zeros(rows, dtype=torch.int64, device=dev),
-            "pos": torch.zeros(rows, dtype=torch.int64, device=dev),
-            "slots": torch.zeros(rows, dtype=torch.int64, device=dev),
-            "last": torch.zeros(seqs, dtype=torch.int64, device=dev),
+            **_int64_views(self._rows_i64, rows),
             "ctx": torch.ones(seqs, dtype=torch.int32, device=dev),
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32, device=dev),
         }
-        self._host = {k: torch.zeros_like(v, device="cpu").pin_memory() for k, v in self._dev.items()}
+        self._host_i64 = torch.zeros_like(self._rows_i64, device="cpu").pin_memory()
+        self._host = {
+            **_int64_views(self._host_i64, rows),
+            "ctx": torch.ones(seqs, dtype=torch.int32).pin_memory(),
+            "tables": torch.zeros(seqs, self.width, dtype=torch.int32).pin_memory(),
+        }
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()
         self._graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -78,13 +82,11 @@ class StepGraphs:
         """Logits [len(chunks), vocab] of each chunk's last token."""
         self._copied.synchronize()
         width = self._fill(chunks, *shape)
-        seqs, per_seq = shape
-        for key, dev in self._dev.items():
-            src, n = self._host[key], (seqs if key in ("last", "ctx", "tables") else seqs * per_seq)
-            if key == "tables":
-                dev[:n, :width].copy_(src[:n, :width], non_blocking=True)
-            else:
-                dev[:n].copy_(src[:n], non_blocking=True)
+        seqs = shape[0]
+        self._rows_i64.copy_(self._host_i64, non_blocking=True)
+        self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
+        tables, staged = self._dev["tables"], self._host["tables"]
+        tables[:seqs, :width].copy_(staged[:seqs, :width], non_blocking=True)
         self._copied.record()
         graph, logits = self._graphs[shape]
         graph.replay()
@@ -126,3 +128,12 @@ class StepGraphs:
             h["ctx"][b] = per_seq
             h["tables"][b, : -(-per_seq // bs)] = SCRATCH_BLOCK
         return max(width, -(-per_seq // bs))
+
+
+def _int64_views(buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:
+    return {
+        "ids": buffer[:rows],
+        "pos": buffer[rows : 2 * rows],
+        "slots": buffer[2 * rows : 3 * rows],
+        "last": buffer[3 * rows :],
+    }

@@ -62,12 +62,12 @@ class SessionState(Sequence):
     def boundary(self, limit: int) -> tuple[int, int]:
         """Where a query forks: the end of the newest fully computed entry that leaves the
         query room under ``limit`` tokens, as (token count, seq of that entry)."""
-        end, seen = self.opening_len, self.first_kept_seq - 1
-        for seq, entry_end in self.entries:
-            if seq > self.ingested_seq or entry_end > limit:
-                break
-            end, seen = entry_end, seq
-        return end, seen
+        # both seq and end grow along the deque, so the entries that qualify are a prefix:
+        # scanning from the newest finds its last one after a few steps in the usual case
+        for seq, entry_end in reversed(self.entries):
+            if seq <= self.ingested_seq and entry_end <= limit:
+                return entry_end, seq
+        return self.opening_len, self.first_kept_seq - 1
 
     def trim(self, first_kept_seq: int) -> bool:
         """Drops entries below first_kept_seq; returns whether the KV must be rebuilt."""

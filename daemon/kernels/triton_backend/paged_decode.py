@@ -44,7 +44,7 @@ def split_slots(ws, split, row, head, num_splits, n_rows, num_heads, HEAD_DIM: t
     return ws + cell * HEAD_DIM, stats, stats + cells
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["window", "stride_bt"])
 def _decode_split_kernel(
     q_ptr, k_cache, v_cache, ws, context_lens, block_tables,
     scale_log2, window,
@@ -101,7 +101,7 @@ def _decode_split_kernel(
     tl.store(l_slot, l_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "n_rows"])
 def _combine_splits_kernel(
     ws, out_ptr, num_splits, n_rows, HEAD_DIM: tl.constexpr, SPLITS_PAD: tl.constexpr,
 ):
