@@ -32,11 +32,15 @@ def main() -> int:
     p.add_argument("--contexts", default="3000,19000,32000")
     p.add_argument("--q", default="32", help="query rows per sequence, comma-separated")
     p.add_argument("--grid", choices=("short", "long"), default="short")
+    p.add_argument("--tiles", default="", help="only these BLOCK_M/BLOCK_N/warps/stages, "
+                   "e.g. 64/64/4/2,128/32/4/2")
     p.add_argument("--out", default="")
     args = p.parse_args()
     original = paged_prefill._tiles
     rows = []
     tiles_grid, splits_grid = (TILES, SPLITS) if args.grid == "short" else (LONG_TILES, (0,))
+    if args.tiles:
+        tiles_grid = [tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")]
     shapes = [(int(c), int(q)) for c in args.contexts.split(",") for q in args.q.split(",")]
     for ctx, q_len in shapes:
         inputs = paged_batch([q_len], [ctx])
@@ -50,7 +54,7 @@ def main() -> int:
         floor_us = max(kv_us, flop_us)
         best = None
         for tiles in tiles_grid:
-            paged_prefill._tiles = lambda head_dim, dtype, rows, t=tiles: t  # noqa: E731
+            paged_prefill._tiles = lambda head_dim, dtype, rows, few, t=tiles: t  # noqa: E731
             for splits in splits_grid:
                 try:
                     us = 1e3 * graph_ms(lambda s=splits: attend(s or None))
