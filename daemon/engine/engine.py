@@ -29,7 +29,6 @@ from livelm.daemon.engine.events import EventHub, Subscription, event_names
 from livelm.daemon.engine.flash import FlashBoard
 from livelm.daemon.engine.formats import render_entry
 from livelm.daemon.engine.graphs import StepGraphs
-from livelm.daemon.engine.warmup import warm_up
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.layout import build_layout
@@ -39,6 +38,7 @@ from livelm.daemon.engine.sampling import SamplingParams
 from livelm.daemon.engine.scheduler import Scheduler
 from livelm.daemon.engine.sequence import QueryState
 from livelm.daemon.engine.sessions import Session, SlotAllocator, new_session_id
+from livelm.daemon.engine.warmup import warm_up
 from livelm.daemon.engine.worker import CancelQuery, StartQuery, StepReport, Worker
 from livelm.native.ring import Ring
 from livelm.protocol.errors import (

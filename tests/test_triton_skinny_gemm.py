@@ -1,0 +1,249 @@
+"""The skinny Triton GEMM against ``x.float() @ w.float().T``.
+
+Without CUDA the kernel runs on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 must be
+set when the kernel is decorated, so this module imports (or re-imports) it with it set, and
+keeps it set only while its own tests run (as tests/test_triton_kernels.py does). With CUDA the
+same small cases run compiled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import os
+import types
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+MODULE = "livelm.daemon.kernels.triton_backend.skinny_gemm"
+
+
+@contextlib.contextmanager
+def _interpret_env(on: bool) -> Iterator[None]:
+    before = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def _import_module() -> types.ModuleType:
+    """The kernel module, interpreted on a CPU-only machine even if imported earlier compiled."""
+    with _interpret_env(not CUDA):
+        pytest.importorskip("triton")
+        module = importlib.import_module(MODULE)
+        if not CUDA and not module.is_interpreted():
+            module = importlib.reload(module)
+    return module
+
+
+sg = _import_module()
+Cfg = sg.SkinnyConfig
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _interpreter_while_testing() -> Iterator[None]:
+    with _interpret_env(not CUDA):
+        yield
+
+
+class _PoisonedTorch(types.ModuleType):
+    """torch, except that fresh tensors come filled with NaN to catch outputs never written."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    def empty(self, *args: object, **kwargs: object) -> torch.Tensor:
+        t = torch.empty(*args, **kwargs)
+        return t.fill_(math.nan) if t.is_floating_point() else t
+
+
+@pytest.fixture(autouse=True)
+def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sg, "torch", _PoisonedTorch())
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype=dtype, device=DEVICE)
+    w = (torch.randn(n, k, generator=g) / max(k, 1) ** 0.5).to(dtype=dtype, device=DEVICE)
+    return x, w
+
+
+def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    ref = x.float() @ w.float().T
+    assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
+    assert torch.isfinite(out).all(), "an output element is not finite (never written?)"
+    rel = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
+    assert rel < TOL[x.dtype], f"relative error {rel:.2e}"
+
+
+# (M, N, K, config): K not a multiple of BLOCK_K (200), N not a multiple of BLOCK_N (96 / 64),
+# several M tiles (33 / 16), and splits that end mid-tile (K=200 in 3 splits of 96)
+SPLIT1 = Cfg(16, 32, 64, split_k=1, num_warps=4, num_stages=2)
+CASES = [
+    (m, n, k, Cfg(16, bn, bk, split_k=split, num_warps=4, num_stages=2, combine=combine))
+    for m, n, k in [(1, 32, 64), (3, 96, 200), (16, 32, 200), (33, 96, 64)]
+    for bn, bk, split, combine in [
+        (32, 64, 1, "semaphore"),  # split_k=1: a plain store, whatever the combine
+        (64, 32, 3, "atomic"),
+        (64, 32, 3, "semaphore"),
+        (32, 16, 4, "semaphore"),
+    ]
+] + [  # the CUDA-core path: block_m below 16, one or two M tiles
+    (1, 96, 200, Cfg(1, 32, 64, split_k=1, num_warps=4, num_stages=2)),
+    (1, 32, 64, Cfg(1, 16, 16, split_k=3, num_warps=4, num_stages=2, combine="semaphore")),
+    (3, 96, 200, Cfg(2, 64, 32, split_k=3, num_warps=4, num_stages=2, combine="atomic")),
+    (3, 32, 200, Cfg(4, 32, 64, split_k=2, num_warps=4, num_stages=2, combine="semaphore")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "config"), CASES,
+    ids=[f"M{m}-N{n}-K{k}-bm{c.block_m}-bn{c.block_n}-bk{c.block_k}-s{c.split_k}-{c.combine}"
+         for m, n, k, c in CASES],
+)
+def test_matches_reference(m: int, n: int, k: int, config: object, dtype: torch.dtype) -> None:
+    x, w = _inputs(m, n, k, dtype)
+    _check(sg.skinny_linear(x, w, config), x, w)
+
+
+def test_split_cases_really_split() -> None:
+    """The split-K cases above launch more than one split, and end mid-tile where meant to."""
+    plan = sg._plan(3, 96, 200, torch.float32, CASES[2][3])
+    assert plan.grid == (2, 3, 1) and plan.combine == sg._SEMAPHORE
+    assert not plan.meta["EVEN_K"]
+    assert sg._plan(1, 32, 64, torch.float32, CASES[3][3]).grid[1] == 4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_default_config(dtype: torch.dtype) -> None:
+    x, w = _inputs(5, 96, 200, dtype, seed=1)
+    _check(sg.skinny_linear(x, w), x, w)
+
+
+def test_semaphore_leaves_its_counters_zeroed_for_the_next_call() -> None:
+    config = Cfg(16, 32, 64, split_k=4, num_warps=4, num_stages=2, combine="semaphore")
+    for seed in range(3):  # the later calls rely on the counters the first left behind
+        x, w = _inputs(3, 96, 256, torch.float32, seed=seed)
+        _check(sg.skinny_linear(x, w, config), x, w)
+        counters = sg._COUNTERS[sg._device_key(x.device)]
+        assert counters.numel() >= sg.MIN_COUNTERS and not counters.any()
+
+
+def test_semaphore_is_deterministic() -> None:
+    config = Cfg(16, 32, 32, split_k=4, num_warps=4, num_stages=2, combine="semaphore")
+    x, w = _inputs(8, 64, 256, torch.bfloat16, seed=2)
+    assert torch.equal(sg.skinny_linear(x, w, config), sg.skinny_linear(x, w, config))
+
+
+def test_x_with_row_or_column_strides() -> None:
+    x, w = _inputs(5, 32, 64, torch.float32, seed=3)
+    wide = torch.zeros(5, 100, device=DEVICE)
+    wide[:, 10:74] = x
+    _check(sg.skinny_linear(wide[:, 10:74], w, SPLIT1), x, w)  # row stride 100
+    _check(sg.skinny_linear(x.T.contiguous().T, w, SPLIT1), x, w)  # column stride 5
+
+
+def test_empty_dimensions() -> None:
+    x, w = _inputs(0, 32, 64, torch.float32)
+    assert sg.skinny_linear(x, w).shape == (0, 32)
+    x, w = _inputs(3, 32, 0, torch.float32)
+    out = sg.skinny_linear(x, w)
+    assert out.shape == (3, 32) and not out.any()
+
+
+def test_precompile_then_run() -> None:
+    sg.precompile(3, 96, 200, torch.bfloat16, CASES[2][3])  # a no-op under the interpreter
+    x, w = _inputs(3, 96, 200, torch.bfloat16)
+    _check(sg.skinny_linear(x, w, CASES[2][3]), x, w)
+
+
+def test_bad_inputs_raise_value_error() -> None:
+    x, w = _inputs(2, 32, 64, torch.float32)
+    bad = [
+        (x[0], w, "must be \\[M, K\\]"),
+        (x, w[:, :32], "K=64 columns"),
+        (x.bfloat16(), w, "share one dtype"),
+        (x.double(), w.double(), "share one dtype"),
+        (x, torch.randn(64, 32, device=DEVICE).T, "row-major"),
+    ]
+    for a, b, match in bad:
+        with pytest.raises(ValueError, match=match):
+            sg.skinny_linear(a, b)
+    with pytest.raises(ValueError, match="dtype"):
+        sg.precompile(2, 32, 64, torch.float64)
+
+
+@pytest.mark.parametrize("field", [
+    dict(block_m=3), dict(block_n=48), dict(block_n=8), dict(block_k=2048), dict(split_k=0),
+    dict(num_warps=3), dict(num_stages=0), dict(combine="reduce"),
+])
+def test_bad_config_raises_value_error(field: dict[str, object]) -> None:
+    fields = dict(block_m=16, block_n=64, block_k=128, split_k=1, num_warps=4, num_stages=3)
+    fields.update(field)
+    with pytest.raises(ValueError, match=next(iter(field))):
+        Cfg(**fields)
+
+
+@pytest.mark.parametrize(("n", "k", "split"), [
+    (4096, 4096, 4), (6144, 4096, 2), (4096, 14336, 4), (28672, 4096, 1),  # o, qkv, down, gate_up
+])
+def test_default_config_on_h200_shapes(n: int, k: int, split: int) -> None:
+    for m, block_m in [(1, 16), (8, 16), (32, 32), (48, 64), (64, 64)]:
+        c = sg.default_config(m, n, k, num_sms=132)
+        assert (c.block_m, c.split_k, c.combine) == (block_m, split, "semaphore"), (m, c)
+        assert k % (c.block_k * c.split_k) == 0  # whole tiles: no K masks
+        assert c.num_stages * (c.block_n + c.block_m) * c.block_k * 2 <= 200 * 1024  # smem
+        assert -(-n // c.block_n) * c.split_k >= 132 or c.split_k == 1  # a program per SM
+    assert sg.default_config(200, n, k, num_sms=132).block_m == 64  # more rows: M tiles
+
+
+# ---- on the GPU: Llama-3.1-8B shapes, CUDA graphs ----------------------------------------------
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 4096), (4096, 14336), (28672, 4096)])
+def test_gpu_llama_shapes_default_config(n: int, k: int) -> None:
+    for m in (1, 8, 32, 48, 64):
+        x, w = _inputs(m, n, k, torch.bfloat16, seed=m)
+        _check(sg.skinny_linear(x, w), x, w)
+
+
+@needs_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("combine", sg.COMBINES)
+def test_gpu_graph_replay_follows_new_inputs(combine: str) -> None:
+    config = Cfg(16, 64, 128, split_k=4, num_warps=4, num_stages=4, combine=combine)
+    x, w = _inputs(5, 4096, 4096, torch.bfloat16)
+    sg.skinny_linear(x, w, config)  # compile, and the counters, outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = [sg.skinny_linear(x, w, config) for _ in range(3)]  # counters reused in turn
+    for seed in (1, 2):
+        x.copy_(_inputs(5, 4096, 4096, torch.bfloat16, seed=seed)[0])
+        graph.replay()
+        torch.cuda.synchronize()
+        for out in outs:
+            _check(out, x, w)
+
