@@ -20,6 +20,15 @@ class Batch:
     score_targets: list[int]  # the token whose log-probability each score row gives
 
 
+TABLE_ALIGN = 16
+
+
+def padded_width(blocks: int) -> int:
+    """Block tables are padded to a multiple of 16 entries: the kernels are compiled for a
+    row stride divisible by 16, and one stride class means no recompile when it changes."""
+    return -(-max(blocks, 1) // TABLE_ALIGN) * TABLE_ALIGN
+
+
 def build_batch(chunks: list[Chunk], block_size: int, device: torch.device) -> Batch:
     ids: list[int] = []
     positions: list[int] = []
@@ -34,7 +43,7 @@ def build_batch(chunks: list[Chunk], block_size: int, device: torch.device) -> B
         slots += [table[p // block_size] * block_size + p % block_size for p in span]
         starts.append(starts[-1] + ch.length)
         context.append(ch.start + ch.length)
-    width = max(len(ch.seq.block_table) for ch in chunks)
+    width = padded_width(max(len(ch.seq.block_table) for ch in chunks))
     tables = [ch.seq.block_table + [0] * (width - len(ch.seq.block_table)) for ch in chunks]
     meta = AttentionMeta(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),

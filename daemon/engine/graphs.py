@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from livelm.daemon.engine.batch import padded_width
 from livelm.daemon.engine.block_pool import SCRATCH_BLOCK
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.scheduler import Chunk
@@ -32,7 +33,7 @@ class StepGraphs:
         self.decode_sizes = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         self.prefill_sizes = [n for n in PREFILL_BUCKETS if n <= max_question]
         seqs, rows = self.decode_sizes[-1], max(self.decode_sizes[-1], max(self.prefill_sizes, default=1))
-        self.width = -(-(max_context + rows) // cache.block_size) + 1
+        self.width = padded_width(-(-(max_context + rows) // cache.block_size) + 1)
         dev = decoder.device
         # ids, positions, slots and last rows share one int64 buffer, so they take one copy
         self._rows_i64 = torch.zeros(3 * rows + seqs, dtype=torch.int64, device=dev)

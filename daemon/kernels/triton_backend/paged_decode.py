@@ -44,7 +44,7 @@ def split_slots(ws, split, row, head, num_splits, n_rows, num_heads, HEAD_DIM: t
     return ws + cell * HEAD_DIM, stats, stats + cells
 
 
-@triton.jit(do_not_specialize=["window", "stride_bt"])
+@triton.jit
 def _decode_split_kernel(
     q_ptr, k_cache, v_cache, ws, context_lens, block_tables,
     scale_log2, window,

@@ -93,7 +93,7 @@ def _attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["num_seqs", "n_rows", "window", "stride_bt"])
+@triton.jit(do_not_specialize=["num_seqs", "n_rows"])
 def _prefill_kernel(
     q_ptr, k_cache, v_cache, out_ptr, ws, query_starts, context_lens, block_tables,
     num_seqs, n_rows, scale_log2, window,
