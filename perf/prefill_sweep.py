@@ -54,7 +54,7 @@ def main() -> int:
         floor_us = max(kv_us, flop_us)
         best = None
         for tiles in tiles_grid:
-            paged_prefill._tiles = lambda head_dim, dtype, rows, few, t=tiles: t  # noqa: E731
+            paged_prefill._tiles = lambda head_dim, dtype, rows, t=tiles: t  # noqa: E731
             for splits in splits_grid:
                 try:
                     us = 1e3 * graph_ms(lambda s=splits: attend(s or None))

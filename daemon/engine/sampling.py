@@ -45,4 +45,5 @@ def sampling_batch(
         top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
         generators=generators,
         all_greedy=all(p.greedy for p in params),
+        filtered=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
     )

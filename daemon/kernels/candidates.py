@@ -27,7 +27,7 @@ class Target:
 @dataclass(frozen=True)
 class Candidate:
     operation: str  # one of ops.OPERATIONS
-    backend: str  # torch_ref, torch_sdpa, triton, flex, flash_attn, xformers, flashinfer
+    backend: str  # torch_ref, torch_sdpa, torch_batched, triton, flex, flash_attn, xformers, ...
     name: str  # unique within the operation, e.g. "triton.paged_decode_splitk"
     fn: Callable
     # None when the kernel supports the target, else the reason it does not

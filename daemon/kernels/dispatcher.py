@@ -54,7 +54,10 @@ BACKEND_SOURCES: tuple[tuple[str, str, str], ...] = (
     ("flashinfer", "livelm.daemon.kernels.optional_backends", "flashinfer_candidates"),
 )
 
-CUDA_PRIORITY = ("triton", "flash_attn", "flashinfer", "xformers", "flex", "torch_sdpa", "torch_ref")
+CUDA_PRIORITY = (
+    "triton", "flash_attn", "flashinfer", "xformers", "flex", "torch_sdpa", "torch_batched",
+    "torch_ref",
+)
 CPU_PRIORITY = ("torch_ref", *CUDA_PRIORITY[:-1])
 
 CHOSEN, PASSED, REFUSED, UNAVAILABLE = "chosen", "passed", "refused", "unavailable"

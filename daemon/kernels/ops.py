@@ -90,6 +90,7 @@ class SamplingBatch:
     top_k: torch.Tensor  # [B] int64, 0 = off
     generators: list[torch.Generator | None]
     all_greedy: bool
+    filtered: bool = True  # some sampled row uses top-k or top-p (False lets a sampler skip them)
 
 
 class Sample(Protocol):

@@ -1,9 +1,11 @@
-"""The torch backends: the reference kernels, and paged attention through torch's SDPA.
+"""The torch backends: the reference kernels, paged attention through torch's SDPA, and a
+batched sampler.
 
 ``torch_ref`` offers the reference functions themselves (always available, every device).
 ``torch_sdpa.paged`` gathers each sequence's K/V from the paged cache and calls
 ``F.scaled_dot_product_attention``; ``sdpa_attention(allowed)`` makes a copy pinned to a list of
 SDPA backends, so the dispatcher can keep only the backends that passed its check.
+``torch_batched.sample`` samples every row at once on the device (``batched_sampling``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from livelm.daemon.kernels import torch_ref
+from livelm.daemon.kernels import batched_sampling, torch_ref
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.kernels.candidates import Candidate, Target
 from livelm.daemon.kernels.ops import PagedAttention
@@ -54,7 +56,17 @@ def _float_only(target: Target) -> str | None:
 
 
 def candidates() -> list[Candidate]:
-    return _reference_candidates() + _sdpa_candidates()
+    return _reference_candidates() + _sdpa_candidates() + _batched_candidates()
+
+
+def _batched_candidates() -> list[Candidate]:
+    # the settings stay on the device, but seeded rows draw noise per row: not captured
+    return [
+        Candidate(
+            "sample", "torch_batched", "torch_batched.sample", batched_sampling.sample,
+            _any_target, False,
+        )
+    ]
 
 
 def _reference_candidates() -> list[Candidate]:

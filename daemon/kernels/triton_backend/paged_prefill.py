@@ -28,13 +28,11 @@ from livelm.daemon.kernels.triton_backend.paged_decode import (
     combine_splits,
     dot_flags,
     mma,
-    sm_count,
     split_slots,
     split_workspace,
 )
 
 SPLIT_PROGRAMS_PER_SM = 2
-LONG_CHUNK_PROGRAMS_PER_SM = 2  # below this, long chunks take half-height tiles
 MAX_ROWS = 128
 
 
@@ -178,11 +176,8 @@ def _prefill_kernel(
         tl.store(dst, o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
-def _tiles(
-    head_dim: int, dtype: torch.dtype, rows: int, few_programs: bool
-) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size, dtype and row need;
-    ``few_programs``: full-height tiles would leave the GPU under two programs per SM."""
+def _tiles(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size, dtype and row need."""
     block_m = max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
         block_m = min(block_m, 64)
@@ -190,11 +185,11 @@ def _tiles(
     if head_dim > 128:
         return min(block_m, 64), 32, 8, 2
     # H200 sweeps (perf/prefill_sweep.py): for one tile of rows (a short question) BLOCK_N 64
-    # took 10% off at 32k keys and 5% at 19k; 128x32 led at 2048 queries over 8k keys, and
-    # 64x64 at 512 queries (225 against 319 us), where 128-row tiles leave SMs idle
+    # took 10% off at 32k keys and 5% at 19k; for long chunks 64x64 led 128x32 at 512 and 2048
+    # queries over 8k and 32k keys, by 7-31% (results/*-prefill-long-d61294e.json)
     if rows <= MAX_ROWS:
         return block_m, 64, 4, 2
-    return (64, 64, 4, 2) if few_programs else (block_m, 32, 4, 2)
+    return 64, 64, 4, 2
 
 
 def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[str, int]:
@@ -204,9 +199,7 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[s
     group = num_heads // num_kv_heads
     starts = meta.query_starts_list
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    full_height = sum(triton.cdiv(n * group, MAX_ROWS) for n in q_lens) * num_kv_heads
-    few = full_height < LONG_CHUNK_PROGRAMS_PER_SM * sm_count(q.device)
-    block_m, block_n, warps, stages = _tiles(head_dim, q.dtype, max(q_lens) * group, few)
+    block_m, block_n, warps, stages = _tiles(head_dim, q.dtype, max(q_lens) * group)
     block_q = block_m // group
     real_tiles = sum(triton.cdiv(n, block_q) for n in q_lens) * num_kv_heads
     splits = choose_splits(real_tiles, max(meta.context_lens_list), q.device,
