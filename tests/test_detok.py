@@ -3,17 +3,13 @@ decoding the whole answer gives, cut at the first stop string, for every tokeniz
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from livelm.daemon.engine.detok import TextTracker
-from livelm.daemon.model.demo import ensure_demo_model
 from livelm.daemon.model.tokenizer import Tokenizer
-from tests.test_piece_cache import metaspace_tokenizer
-from tests.tiny_models import train_test_tokenizer
+from tests.tiny_models import tokenizer_folder
 
 KINDS = ("demo", "llama3", "nfkc-metaspace")
 checks = settings(
@@ -23,14 +19,7 @@ checks = settings(
 
 @pytest.fixture(scope="module", params=KINDS)
 def tokenizer(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    folder: Path = tmp_path_factory.mktemp(request.param)
-    if request.param == "demo":
-        folder = ensure_demo_model(folder)
-    elif request.param == "nfkc-metaspace":
-        metaspace_tokenizer(folder)
-    else:
-        train_test_tokenizer(folder, request.param)
-    return Tokenizer.from_folder(folder)
+    return Tokenizer.from_folder(tokenizer_folder(request.param, tmp_path_factory.mktemp(request.param)))
 
 
 def stream(tokenizer: Tokenizer, ids: list[int], stop: tuple[str, ...]) -> tuple[str, TextTracker]:

@@ -4,50 +4,26 @@ build, on any text (property-tested), and says in the log when a tokenizer canno
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import pytest
 import requests
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import models, normalizers, pre_tokenizers, trainers
 
 from livelm.daemon.engine.formats import render_entry
-from livelm.daemon.model.demo import ensure_demo_model
 from livelm.daemon.model.tokenizer import Tokenizer
-from tests.tiny_models import CHATML_TOKENS, LLAMA3_TOKENS, tiny_corpus, train_test_tokenizer
+from tests.tiny_models import CHATML_TOKENS, LLAMA3_TOKENS, metaspace_tokenizer, tokenizer_folder
 
 SPECIAL_TEXTS = LLAMA3_TOKENS + CHATML_TOKENS + ["<|", "|>", "<|eot_id", "eot_id|>"]
 KINDS = ("demo", "llama3", "chatml", "nfkc-metaspace")
-
-
-def metaspace_tokenizer(folder: Path) -> Path:
-    """A SentencePiece-like BPE with a normalizer (NFKC), to cover normalizing first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
-    tok.normalizer = normalizers.NFKC()
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
-    )
-    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
-    tok.save(str(folder / "tokenizer.json"))
-    return folder
 
 
 @pytest.fixture(scope="module", params=KINDS)
 def tokenizer(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 ) -> Tokenizer:
-    folder = tmp_path_factory.mktemp(request.param)
-    if request.param == "demo":
-        folder = ensure_demo_model(folder)
-    elif request.param == "nfkc-metaspace":
-        metaspace_tokenizer(folder)
-    else:
-        train_test_tokenizer(folder, request.param)
-    tok = Tokenizer.from_folder(folder)
+    tok = Tokenizer.from_folder(tokenizer_folder(request.param, tmp_path_factory.mktemp(request.param)))
     tok.use_piece_cache(4096)
     assert tok.piece_cache is not None
     return tok

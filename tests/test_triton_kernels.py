@@ -8,12 +8,9 @@ last section checks the real Llama-3.1-8B shapes.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
 import os
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -21,45 +18,23 @@ import torch
 from livelm.daemon.kernels import torch_ref
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.kernels.candidates import Target
+from tests.triton_interpret import (
+    CUDA,
+    DEVICE,
+    import_kernels,
+    interpret_env,
+    interpreter_while_testing,
+)
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
 PACKAGE = "livelm.daemon.kernels.triton_backend"
 MODULES = ("paged_decode", "paged_prefill", "norms", "rope", "swiglu")  # dependency order
-
-
-@contextlib.contextmanager
-def _interpret_env(on: bool) -> Iterator[None]:
-    before = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-def _import_kernels() -> types.SimpleNamespace:
-    """The kernel modules, interpreted on a CPU-only machine even if imported earlier compiled."""
-    with _interpret_env(not CUDA):
-        pytest.importorskip("triton")
-        mods = {name: importlib.import_module(f"{PACKAGE}.{name}") for name in MODULES}
-        if not CUDA and not mods["paged_decode"].is_interpreted():
-            for name in MODULES:
-                mods[name] = importlib.reload(mods[name])
-    return types.SimpleNamespace(**mods)
-
-
-K = _import_kernels()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_while_testing() -> Iterator[None]:
-    with _interpret_env(not CUDA):
-        yield
+K = types.SimpleNamespace(
+    **{
+        name.rsplit(".", 1)[1]: mod
+        for name, mod in import_kernels([f"{PACKAGE}.{m}" for m in MODULES]).items()
+    }
+)
+_interpreter_while_testing = pytest.fixture(autouse=True, scope="module")(interpreter_while_testing)
 
 
 class _PoisonedTorch(types.ModuleType):
@@ -320,7 +295,7 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
     assert "head_dim" in decode(_target(head_dim=96))
     assert "dtype" in decode(_target(dtype=torch.float64))
     assert "block_size" in decode(_target(block_size=12))
-    with _interpret_env(False):
+    with interpret_env(False):
         os.environ.pop("TRITON_INTERPRET", None)
         assert "CUDA" in decode(_target(device=torch.device("cpu"), capability=None))
 

@@ -8,53 +8,18 @@ same small cases run compiled.
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import math
-import os
 import types
-from collections.abc import Iterator
 
 import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
+from tests.triton_interpret import CUDA, DEVICE, import_kernels, interpreter_while_testing
+
 MODULE = "livelm.daemon.kernels.triton_backend.skinny_gemm"
-
-
-@contextlib.contextmanager
-def _interpret_env(on: bool) -> Iterator[None]:
-    before = os.environ.get("TRITON_INTERPRET")
-    if on:
-        os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = before
-
-
-def _import_module() -> types.ModuleType:
-    """The kernel module, interpreted on a CPU-only machine even if imported earlier compiled."""
-    with _interpret_env(not CUDA):
-        pytest.importorskip("triton")
-        module = importlib.import_module(MODULE)
-        if not CUDA and not module.is_interpreted():
-            module = importlib.reload(module)
-    return module
-
-
-sg = _import_module()
+sg = import_kernels([MODULE])[MODULE]
 Cfg = sg.SkinnyConfig
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _interpreter_while_testing() -> Iterator[None]:
-    with _interpret_env(not CUDA):
-        yield
+_interpreter_while_testing = pytest.fixture(autouse=True, scope="module")(interpreter_while_testing)
 
 
 class _PoisonedTorch(types.ModuleType):

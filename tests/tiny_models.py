@@ -11,8 +11,10 @@ from typing import Any
 
 import tokenizers
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, normalizers, pre_tokenizers, trainers
 
-from livelm.daemon.model.demo import build_bpe_tokenizer, demo_corpus
+from livelm.daemon.model.demo import build_bpe_tokenizer, demo_corpus, ensure_demo_model
 
 TEST_VOCAB = 500
 
@@ -270,3 +272,28 @@ def hf_greedy(folder: Path, token_ids: list[int], max_new_tokens: int) -> list[i
 def hf_state_dict(folder: Path) -> dict[str, torch.Tensor]:
     """The weights transformers loads from ``folder``, by Hugging Face name."""
     return dict(_hf_model(folder).state_dict())
+
+
+def metaspace_tokenizer(folder: Path) -> Path:
+    """A SentencePiece-like BPE with a normalizer (NFKC), to cover normalizing first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+    tok.normalizer = normalizers.NFKC()
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+    )
+    tok.train_from_iterator(tiny_corpus(), trainer=trainer)
+    tok.save(str(folder / "tokenizer.json"))
+    return folder
+
+
+def tokenizer_folder(kind: str, folder: Path) -> Path:
+    """A folder holding a tokenizer of one kind the tests cover: ``demo`` (the demo model's),
+    ``llama3`` or ``chatml`` (trained byte-level BPEs), or ``nfkc-metaspace``."""
+    if kind == "demo":
+        return ensure_demo_model(folder)
+    if kind == "nfkc-metaspace":
+        return metaspace_tokenizer(folder)
+    train_test_tokenizer(folder, kind)
+    return folder

@@ -1,0 +1,50 @@
+"""Importing our Triton kernels in tests: compiled on a CUDA machine, and on one without CUDA
+run by Triton's interpreter, which must be on (TRITON_INTERPRET=1) when a kernel is decorated.
+So the modules are imported, or re-imported, with it set, and it stays set only while the
+tests of the module that asked for it run."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import types
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+
+
+@contextlib.contextmanager
+def interpret_env(on: bool) -> Iterator[None]:
+    before = os.environ.get("TRITON_INTERPRET")
+    if on:
+        os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = before
+
+
+def import_kernels(names: list[str]) -> dict[str, types.ModuleType]:
+    """The modules by dotted name, in dependency order; the first must offer
+    ``is_interpreted()``. Without CUDA, ones imported compiled earlier are re-imported."""
+    with interpret_env(not CUDA):
+        pytest.importorskip("triton")
+        mods = {name: importlib.import_module(name) for name in names}
+        if not CUDA and not mods[names[0]].is_interpreted():
+            for name in names:
+                mods[name] = importlib.reload(mods[name])
+    return mods
+
+
+def interpreter_while_testing() -> Iterator[None]:
+    """Use as a module's autouse fixture: ``pytest.fixture(autouse=True, scope="module")``."""
+    with interpret_env(not CUDA):
+        yield
