@@ -21,6 +21,7 @@ from livelm.daemon.kernels.candidates import Target
 from tests.triton_interpret import (
     CUDA,
     DEVICE,
+    PoisonedTorch,
     import_kernels,
     interpret_env,
     interpreter_while_testing,
@@ -37,29 +38,9 @@ K = types.SimpleNamespace(
 _interpreter_while_testing = pytest.fixture(autouse=True, scope="module")(interpreter_while_testing)
 
 
-class _PoisonedTorch(types.ModuleType):
-    """torch, except that fresh tensors come filled with NaN (or a huge int) to catch gaps."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(torch, name)
-
-    @staticmethod
-    def _poison(t: torch.Tensor) -> torch.Tensor:
-        return t.fill_(math.nan if t.is_floating_point() else 2**30)
-
-    def empty(self, *args: object, **kwargs: object) -> torch.Tensor:
-        return self._poison(torch.empty(*args, **kwargs))
-
-    def empty_like(self, *args: object, **kwargs: object) -> torch.Tensor:
-        return self._poison(torch.empty_like(*args, **kwargs))
-
-
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    poisoned = _PoisonedTorch()
+    poisoned = PoisonedTorch()
     for name in MODULES:
         monkeypatch.setattr(getattr(K, name), "torch", poisoned)
 

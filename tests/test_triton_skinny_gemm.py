@@ -8,13 +8,16 @@ same small cases run compiled.
 
 from __future__ import annotations
 
-import math
-import types
-
 import pytest
 import torch
 
-from tests.triton_interpret import CUDA, DEVICE, import_kernels, interpreter_while_testing
+from tests.triton_interpret import (
+    CUDA,
+    DEVICE,
+    PoisonedTorch,
+    import_kernels,
+    interpreter_while_testing,
+)
 
 MODULE = "livelm.daemon.kernels.triton_backend.skinny_gemm"
 sg = import_kernels([MODULE])[MODULE]
@@ -22,23 +25,9 @@ Cfg = sg.SkinnyConfig
 _interpreter_while_testing = pytest.fixture(autouse=True, scope="module")(interpreter_while_testing)
 
 
-class _PoisonedTorch(types.ModuleType):
-    """torch, except that fresh tensors come filled with NaN to catch outputs never written."""
-
-    def __init__(self) -> None:
-        super().__init__("torch")
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(torch, name)
-
-    def empty(self, *args: object, **kwargs: object) -> torch.Tensor:
-        t = torch.empty(*args, **kwargs)
-        return t.fill_(math.nan) if t.is_floating_point() else t
-
-
 @pytest.fixture(autouse=True)
 def _poisoned_outputs(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sg, "torch", _PoisonedTorch())
+    monkeypatch.setattr(sg, "torch", PoisonedTorch())
 
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import math
 import os
 import types
 from collections.abc import Iterator
@@ -48,3 +49,23 @@ def interpreter_while_testing() -> Iterator[None]:
     """Use as a module's autouse fixture: ``pytest.fixture(autouse=True, scope="module")``."""
     with interpret_env(not CUDA):
         yield
+
+
+class PoisonedTorch(types.ModuleType):
+    """torch, except that fresh tensors come filled with NaN (or a huge int) to catch gaps."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(torch, name)
+
+    @staticmethod
+    def _poison(t: torch.Tensor) -> torch.Tensor:
+        return t.fill_(math.nan if t.is_floating_point() else 2**30)
+
+    def empty(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._poison(torch.empty(*args, **kwargs))
+
+    def empty_like(self, *args: object, **kwargs: object) -> torch.Tensor:
+        return self._poison(torch.empty_like(*args, **kwargs))
