@@ -20,6 +20,7 @@ from livelm.daemon.engine.scheduler import Chunk
 from livelm.daemon.engine.sequence import Sequence
 from livelm.daemon.model.decoder import LlamaDecoder
 from livelm.daemon.progress import Progress
+from livelm.protocol.errors import ConfigError
 
 # lengths whose row counts (x the GQA group) fall in each tile class of a prefill kernel
 SHORT_CHUNKS = (1, 2, 3, 5, 9, 17, 33, 65)
@@ -60,7 +61,15 @@ def warm_up(
     plan = warm_up_plan(max_batch_tokens, max_context)
     with Progress(len(plan), "compiling kernel variants", enabled=progress) as bar:
         for seqs, length, context in plan:
-            _step(decoder, cache, seqs, length, context)
+            try:
+                _step(decoder, cache, seqs, length, context)
+            except torch.cuda.OutOfMemoryError as exc:
+                # the same step would fail mid-stream later: say so now, with the knobs
+                raise ConfigError(
+                    f"out of device memory running a {length}-token step over {context} tokens "
+                    "of context at start-up; lower kv_memory_fraction (or kv_cache_tokens) "
+                    f"or max_batch_tokens ({max_batch_tokens}): {exc}"
+                ) from exc
             bar.update(1)
     if decoder.device.type == "cuda":
         torch.cuda.synchronize(decoder.device)
