@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 
 from livelm.daemon.engine.batch import padded_width
-from livelm.daemon.engine.block_pool import SCRATCH_BLOCK
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.scheduler import Chunk
+from livelm.daemon.engine.staging import StagingArrays, StepStaging
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.model.decoder import LlamaDecoder
 from livelm.daemon.progress import Progress
@@ -48,6 +48,11 @@ class StepGraphs:
             "ctx": torch.ones(seqs, dtype=torch.int32).pin_memory(),
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32).pin_memory(),
         }
+        h = self._host
+        self._staging = StepStaging(
+            StagingArrays(*(h[k].numpy() for k in ("ids", "pos", "slots", "last", "ctx", "tables"))),
+            cache.block_size,
+        )
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()
         self._graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
@@ -82,7 +87,7 @@ class StepGraphs:
     def run(self, chunks: list[Chunk], shape: Shape) -> torch.Tensor:
         """Logits [len(chunks), vocab] of each chunk's last token."""
         self._copied.synchronize()
-        width = self._fill(chunks, *shape)
+        width = self._staging.fill(chunks, *shape)
         seqs = shape[0]
         self._rows_i64.copy_(self._host_i64, non_blocking=True)
         self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
@@ -106,29 +111,6 @@ class StepGraphs:
         )
         hidden = self.decoder(d["ids"][:rows], d["pos"][:rows], meta, self.cache.layers)
         return self.decoder.logits(hidden.index_select(0, d["last"][:seqs])).float()
-
-    def _fill(self, chunks: list[Chunk], seqs: int, per_seq: int) -> int:
-        h = {k: v.numpy() for k, v in self._host.items()}
-        bs, width = self.cache.block_size, 1
-        h["slots"][: seqs * per_seq] = SCRATCH_BLOCK * bs  # padding rows write to scratch
-        h["ids"][: seqs * per_seq] = 0
-        for b, ch in enumerate(chunks):
-            table, row = ch.seq.block_table, b * per_seq
-            span = range(ch.start, ch.start + ch.length)
-            h["ids"][row : row + ch.length] = ch.seq.token_slice(ch.start, ch.length)
-            h["pos"][row : row + per_seq] = ch.start  # padding rows: any position in the table
-            h["pos"][row : row + ch.length] = span
-            h["slots"][row : row + ch.length] = [table[p // bs] * bs + p % bs for p in span]
-            h["last"][b] = row + ch.length - 1
-            h["ctx"][b] = ch.start + per_seq  # real rows sit at their true positions
-            h["tables"][b, : len(table)] = table
-            width = max(width, len(table))
-        for b in range(len(chunks), seqs):  # padding sequences live in the scratch block
-            h["pos"][b * per_seq : (b + 1) * per_seq] = range(per_seq)
-            h["last"][b] = b * per_seq
-            h["ctx"][b] = per_seq
-            h["tables"][b, : -(-per_seq // bs)] = SCRATCH_BLOCK
-        return max(width, -(-per_seq // bs))
 
 
 def _int64_views(buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:

@@ -1,4 +1,7 @@
-"""Block tables over the pool: growing a sequence, forking a query, copy-on-write, release."""
+"""Block tables over the pool: growing a sequence, forking a query, copy-on-write, release.
+
+This is the only writer of a sequence's ``block_table``; each change bumps its
+``table_version``, which tells the graph staging when a table must be copied again."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ class KVManager:
         missing = self.blocks_for(end) - len(seq.block_table)
         if missing > 0:
             seq.block_table += self.pool.allocate(missing)
+            seq.table_version += 1
 
     def fork(self, source: Sequence, length: int, into: Sequence) -> None:
         """Gives ``into`` the first ``length`` tokens of ``source``'s KV: full blocks shared,
@@ -37,16 +41,19 @@ class KVManager:
             self.cache.copy_block(source.block_table[full], copy)
             table.append(copy)
         into.block_table = table
+        into.table_version += 1
         into.num_computed = length
 
     def truncate(self, seq: Sequence, length: int) -> None:
         keep = self.blocks_for(length)
         self.pool.release(seq.block_table[keep:])
         del seq.block_table[keep:]
+        seq.table_version += 1
 
     def release(self, seq: Sequence) -> None:
         self.pool.release(seq.block_table)
         seq.block_table = []
+        seq.table_version += 1
 
     def _copy_on_write(self, seq: Sequence, index: int) -> None:
         old = seq.block_table[index]
@@ -54,3 +61,4 @@ class KVManager:
         self.cache.copy_block(old, new)
         self.pool.release([old])
         seq.block_table[index] = new
+        seq.table_version += 1

@@ -20,6 +20,7 @@ class Sequence:
     base: int = 0  # absolute position of tokens[0] (a query holds only its own tokens)
     block_table: list[int] = field(default_factory=list)
     num_computed: int = 0
+    table_version: int = 0  # bumped by KVManager whenever it changes block_table
 
     @property
     def length(self) -> int:

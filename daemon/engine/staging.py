@@ -1,0 +1,72 @@
+"""The host side of a captured step: filling the staging buffers a graph's inputs are copied
+from, for a batch of chunks padded to the graph's shape.
+
+Rows past a chunk's real tokens and sequences past the real batch are padding: they write only
+the scratch block and nothing reads their results. A sequence's block table is copied only
+when that batch slot last held another sequence or its table changed since (``table_version``),
+so a decode batch of long contexts does not rewrite thousands of entries every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from livelm.daemon.engine.block_pool import SCRATCH_BLOCK
+from livelm.daemon.engine.scheduler import Chunk
+from livelm.daemon.engine.sequence import Sequence
+
+
+@dataclass
+class StagingArrays:
+    """Views of the pinned host buffers: ids, pos and slots [rows]; last [seqs] (each sequence's
+    last real row); ctx [seqs] (its context after the step); tables [seqs, width]."""
+
+    ids: np.ndarray
+    pos: np.ndarray
+    slots: np.ndarray
+    last: np.ndarray
+    ctx: np.ndarray
+    tables: np.ndarray
+
+
+class StepStaging:
+    def __init__(self, arrays: StagingArrays, block_size: int) -> None:
+        self.a = arrays
+        self.block_size = block_size
+        # per batch slot: the sequence whose table the slot's row holds, and that table's version
+        self._held: list[tuple[Sequence, int] | None] = [None] * len(arrays.tables)
+
+    def fill(self, chunks: list[Chunk], seqs: int, per_seq: int) -> int:
+        """Stages ``chunks`` as a (seqs x per_seq) step; returns the table width to copy."""
+        a, bs = self.a, self.block_size
+        a.slots[: seqs * per_seq] = SCRATCH_BLOCK * bs  # padding rows write to scratch
+        a.ids[: seqs * per_seq] = 0
+        width = -(-per_seq // bs)
+        for b, ch in enumerate(chunks):
+            row = b * per_seq
+            span = range(ch.start, ch.start + ch.length)
+            table = ch.seq.block_table
+            a.ids[row : row + ch.length] = ch.seq.token_slice(ch.start, ch.length)
+            a.pos[row : row + per_seq] = ch.start  # padding rows: any position in the table
+            a.pos[row : row + ch.length] = span
+            a.slots[row : row + ch.length] = [table[p // bs] * bs + p % bs for p in span]
+            a.last[b] = row + ch.length - 1
+            a.ctx[b] = ch.start + per_seq  # real rows sit at their true positions
+            self._stage_table(b, ch.seq)
+            width = max(width, len(table))
+        for b in range(len(chunks), seqs):  # padding sequences live in the scratch block
+            a.pos[b * per_seq : (b + 1) * per_seq] = range(per_seq)
+            a.last[b] = b * per_seq
+            a.ctx[b] = per_seq
+            a.tables[b, : -(-per_seq // bs)] = SCRATCH_BLOCK
+            self._held[b] = None
+        return width
+
+    def _stage_table(self, slot: int, seq: Sequence) -> None:
+        held = self._held[slot]
+        if held is not None and held[0] is seq and held[1] == seq.table_version:
+            return
+        self.a.tables[slot, : len(seq.block_table)] = seq.block_table
+        self._held[slot] = (seq, seq.table_version)
