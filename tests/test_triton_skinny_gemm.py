@@ -201,3 +201,40 @@ def test_gpu_graph_replay_follows_new_inputs(combine: str) -> None:
         for out in outs:
             _check(out, x, w)
 
+
+
+# ---- as the dispatcher's ``linear`` operation ----------------------------------------------
+def test_linear_keeps_f_linear_contract_on_both_sides_of_the_row_limit() -> None:
+    x_short, w = _inputs(sg.MAX_SKINNY_ROWS, 48, 96, torch.float32)[:2]
+    ref = x_short.double() @ w.double().T
+    assert ((sg.linear(x_short, w).double() - ref).abs().max() < 1e-4).item()
+    x_long = torch.randn(sg.MAX_SKINNY_ROWS + 1, 96, device=DEVICE)
+    bias = torch.randn(48, device=DEVICE)
+    assert torch.equal(sg.linear(x_long, w), torch.nn.functional.linear(x_long, w))
+    assert torch.equal(sg.linear(x_short, w, bias), torch.nn.functional.linear(x_short, w, bias))
+
+
+def test_dispatcher_keeps_cublas_by_default_and_binds_the_skinny_gemm_when_preferred() -> None:
+    from livelm.daemon.kernels.dispatcher import (
+        BACKEND_SOURCES,
+        ResolveOptions,
+        resolve_kernels,
+        target_for,
+    )
+    from livelm.daemon.kernels.ops import OPERATIONS
+    from livelm.daemon.kernels.policy import Policy
+    from livelm.daemon.model.presets import preset_config
+
+    target = target_for(preset_config("random:tiny"), DEVICE, torch.float32, 16)
+    others = {op: ("triton*",) for op in OPERATIONS if op != "linear"}  # check only linear
+    sources = tuple(s for s in BACKEND_SOURCES if s[0] in ("torch", "triton"))
+
+    def bind(prefer: dict[str, tuple[str, ...]]):
+        return resolve_kernels(target, Policy(deny=others, prefer=prefer), ResolveOptions(sources=sources))
+
+    default = bind({})
+    assert default.kernels.linear is torch.nn.functional.linear
+    skinny_row = next(d for d in default.table if d.candidate == "triton.skinny_linear")
+    assert skinny_row.status == "passed", skinny_row.reason
+    preferred = bind({"linear": ("triton.skinny_linear",)})
+    assert preferred.kernels.linear is sg.linear

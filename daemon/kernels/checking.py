@@ -206,6 +206,26 @@ def _swiglu_cases(target: Target, gen: torch.Generator) -> list[Case]:
     return [Case("gate|up rows", (gate_up,), _close_one(expected, target.dtype))]
 
 
+# --- linear projections ----------------------------------------------------------------------
+
+
+def _linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
+    """Row counts on both sides of a skinny kernel's limit, the model's hidden size and an
+    uneven one, with and without a bias."""
+    t, dt = target, target.dtype
+    cases = []
+    for rows, out_dim, in_dim in ((1, 96, t.hidden_size), (ROWS, t.hidden_size, 200), (33, 48, 72), (70, 40, 64)):
+        x = _randn(gen, t, rows, in_dim)
+        w = _randn(gen, t, out_dim, in_dim) * in_dim**-0.5
+        expected = x.float() @ w.float().T
+        cases.append(Case(f"{rows}x{in_dim} by {out_dim}", (x, w), _close_one(expected, dt)))
+    bias = _randn(gen, t, 40)
+    x, w = _randn(gen, t, 5, 64), _randn(gen, t, 40, 64) / 8
+    expected = x.float() @ w.float().T + bias.float()
+    cases.append(Case("with a bias", (x, w, bias), _close_one(expected, dt)))
+    return cases
+
+
 # --- sampling --------------------------------------------------------------------------------
 
 PLANTED = (20.0, 19.5, 19.0, 18.5, 18.0)  # far above N(0, 1) noise: the top tokens are known
@@ -430,5 +450,6 @@ _BUILDERS: dict[str, Callable[[Target, torch.Generator], list[Case]]] = {
     "rope": _rope_cases,
     "rope_store_kv": _rope_store_kv_cases,
     "swiglu": _swiglu_cases,
+    "linear": _linear_cases,
     "sample": _sample_cases,
 }

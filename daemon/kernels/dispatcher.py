@@ -59,6 +59,10 @@ CUDA_PRIORITY = (
     "torch_ref",
 )
 CPU_PRIORITY = ("torch_ref", *CUDA_PRIORITY[:-1])
+# cuBLAS stays the default for the projections until the skinny GEMM (faster alone, in
+# perf/results/*-skinny-gemm-*.json) is measured inside the daemon; a policy's prefer or lock,
+# or kernel_tune, can pick it
+OPERATION_PRIORITY: dict[str, tuple[str, ...]] = {"linear": ("torch_ref", "triton")}
 
 CHOSEN, PASSED, REFUSED, UNAVAILABLE = "chosen", "passed", "refused", "unavailable"
 ALL_OPERATIONS = "*"  # the operation column of an unavailable backend's row
@@ -354,7 +358,9 @@ def _rank(op: str, live: list[_Row], target: Target, policy: Policy) -> tuple[_R
     if all(r.time_ms is not None for r in live):
         fastest = min(live, key=lambda r: r.time_ms)
         return fastest, f"is fastest on the real shapes ({fastest.time_ms:.4f} ms)"
-    order = CUDA_PRIORITY if target.device.type == "cuda" else CPU_PRIORITY
+    order = OPERATION_PRIORITY.get(op) or (
+        CUDA_PRIORITY if target.device.type == "cuda" else CPU_PRIORITY
+    )
 
     def rank(row: _Row) -> tuple[int, int]:
         c = row.candidate

@@ -18,6 +18,7 @@ OPERATIONS = (
     "rope",
     "rope_store_kv",
     "swiglu",
+    "linear",
     "prefill_attention",
     "decode_attention",
     "sample",
@@ -67,6 +68,14 @@ class SwiGlu(Protocol):
     def __call__(self, gate_up: torch.Tensor) -> torch.Tensor: ...
 
 
+class Linear(Protocol):
+    """x [N, K] @ weight[M, K]^T (+ bias [M]): ``torch.nn.functional.linear``'s contract."""
+
+    def __call__(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor: ...
+
+
 class PagedAttention(Protocol):
     """Attention of q [N, Hq, D] over each sequence's paged KV (the new tokens already written)."""
 
@@ -106,6 +115,7 @@ class Kernels:
     rope: Rope
     rope_store_kv: RopeStoreKV
     swiglu: SwiGlu
+    linear: Linear
     prefill_attention: PagedAttention
     decode_attention: PagedAttention
     sample: Sample

@@ -80,6 +80,7 @@ def _reference_candidates() -> list[Candidate]:
         ref("rope", torch_ref.rope, "rope", True),
         ref("rope_store_kv", torch_ref.rope_store_kv, "rope_store_kv", True),
         ref("swiglu", torch_ref.swiglu, "swiglu", True),
+        ref("linear", F.linear, "linear", True),
         ref("prefill_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("decode_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("sample", torch_ref.sample, "sample", False),

@@ -138,6 +138,7 @@ REFERENCE = Kernels(
     rope=rope,
     rope_store_kv=rope_store_kv,
     swiglu=swiglu,
+    linear=F.linear,
     prefill_attention=paged_attention,
     decode_attention=paged_attention,
     sample=sample,

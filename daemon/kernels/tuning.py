@@ -32,6 +32,7 @@ Timings = dict[str, dict[str, float]]  # operation -> candidate name -> millisec
 WARMUP = 3
 REPEATS = 20
 TOKENS = 2048  # a prefill step's token budget
+QUESTION_ROWS = 32  # a short question's rows, where the projections read more than they compute
 DECODE_SEQS, DECODE_CONTEXT = 32, 4096
 PREFILL_SEQS = [(1024, 8192), (1024, 1024)]  # (new tokens, context)
 SAMPLE_ROWS = 64
@@ -89,6 +90,8 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
                 torch.empty_like(k_cache), slots)
     if op == "swiglu":
         return (randn(TOKENS, 2 * (ffn_size or 4 * t.hidden_size)),)
+    if op == "linear":  # the o projection of a 32-token question: bound by reading the weight
+        return randn(QUESTION_ROWS, t.num_heads * t.head_dim), randn(t.hidden_size, t.num_heads * t.head_dim)
     if op == "sample":
         return _sample_workload(t, randn(SAMPLE_ROWS, t.vocab_size))
     decode = op == "decode_attention"

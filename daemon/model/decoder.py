@@ -169,7 +169,7 @@ class LlamaDecoder(nn.Module):
                 x, residual = k.add_rms_norm(h, residual, layer.input_norm, c.rms_norm_eps)
             h = self._attention(layer, x, positions, meta, kv_cache[i])
             x, residual = k.add_rms_norm(h, residual, layer.post_norm, c.rms_norm_eps)
-            h = F.linear(k.swiglu(F.linear(x, layer.gate_up_weight)), layer.down_weight)
+            h = k.linear(k.swiglu(k.linear(x, layer.gate_up_weight)), layer.down_weight)
         out, _ = k.add_rms_norm(h, residual, self.norm, c.rms_norm_eps)
         return out
 
@@ -183,7 +183,7 @@ class LlamaDecoder(nn.Module):
     ) -> torch.Tensor:
         c, k = self.config, self.kernels
         n = x.shape[0]
-        q, key, value = F.linear(x, layer.qkv_weight, layer.qkv_bias).split(self._split, dim=-1)
+        q, key, value = k.linear(x, layer.qkv_weight, layer.qkv_bias).split(self._split, dim=-1)
         q = q.view(n, c.num_heads, c.head_dim)
         key = key.view(n, c.num_kv_heads, c.head_dim)
         if layer.q_norm is not None:
@@ -196,7 +196,7 @@ class LlamaDecoder(nn.Module):
         )
         attend = k.decode_attention if meta.decode_only else k.prefill_attention
         out = attend(q, k_cache, v_cache, meta, self.scale, c.sliding_window)
-        return F.linear(out.reshape(n, c.q_size), layer.o_weight)
+        return k.linear(out.reshape(n, c.q_size), layer.o_weight)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         head = self.embed if self.lm_head is None else self.lm_head

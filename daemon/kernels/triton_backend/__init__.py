@@ -91,6 +91,7 @@ def candidates() -> list[Candidate]:
             paged_decode,
             paged_prefill,
             rope,
+            skinny_gemm,
             swiglu,
         )
     except ImportError as exc:  # triton present but broken (e.g. no matching driver/compiler)
@@ -111,4 +112,7 @@ def candidates() -> list[Candidate]:
         make("rope", "rope", rope.rope, _rope_reason),
         make("rope_store_kv", "rope_store_kv", rope.rope_store_kv, _rope_reason),
         make("swiglu", "swiglu", swiglu.swiglu),
+        # up to 64 rows through the skinny GEMM; the split merge's counters are allocated on
+        # the first (eager) call and left zeroed by every call, so graphs may capture it
+        make("linear", "skinny_linear", skinny_gemm.linear),
     ]

@@ -49,6 +49,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -376,3 +377,17 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor,
         x = x.contiguous()
     _launch(x, weight, out, config)
     return out
+
+
+MAX_SKINNY_ROWS = 64  # beyond this cuBLAS tiles M well and the weight is no longer the bound
+
+
+def linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``F.linear``'s contract, as the dispatcher's ``linear`` operation: the skinny kernel for
+    up to 64 rows without a bias (the decoder's projections in decode and question steps),
+    cuBLAS for longer chunks and biased projections."""
+    if bias is not None or x.dim() != 2 or x.shape[0] > MAX_SKINNY_ROWS:
+        return F.linear(x, weight, bias)
+    return skinny_linear(x, weight)
