@@ -30,6 +30,7 @@ from livelm.daemon.config import Config  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
 from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
 from livelm.daemon.engine.runner import ModelRunner  # noqa: E402
+from livelm.daemon.engine.staging import StepStaging  # noqa: E402
 from livelm.daemon.engine.worker import Worker  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 from livelm.protocol.messages import GenerateRequest  # noqa: E402
@@ -40,7 +41,7 @@ STAGES = [
     (Worker, "_take_records", "take_records"),
     (Worker, "_step", "step"),
     (Worker, "_fork", "fork"),
-    (StepGraphs, "_fill", "graph_fill"),
+    (StepStaging, "fill", "graph_fill"),
     (StepGraphs, "run", "graph_launch"),
     (ModelRunner, "run", "runner_run"),
     (Worker, "_on_token", "on_token"),
