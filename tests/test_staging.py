@@ -101,3 +101,6 @@ def test_a_cached_table_is_restaged_after_every_change() -> None:
     st.fill([], seqs=2, per_seq=1)  # padding takes both slots
     step(other, s)
     assert staged_row(0, other) == other.block_table and staged_row(1, s) == s.block_table
+    s.block_table = list(other.block_table)  # a table assigned anew, not through the manager
+    step(other, s)
+    assert staged_row(1, s) == other.block_table

@@ -3,7 +3,8 @@ from, for a batch of chunks padded to the graph's shape.
 
 Rows past a chunk's real tokens and sequences past the real batch are padding: they write only
 the scratch block and nothing reads their results. A sequence's block table is copied only
-when that batch slot last held another sequence or its table changed since (``table_version``),
+when that batch slot last held another sequence or its table changed since (a new list, or a
+``table_version`` bump by the KV manager),
 so a decode batch of long contexts does not rewrite thousands of entries every token.
 """
 
@@ -35,8 +36,9 @@ class StepStaging:
     def __init__(self, arrays: StagingArrays, block_size: int) -> None:
         self.a = arrays
         self.block_size = block_size
-        # per batch slot: the sequence whose table the slot's row holds, and that table's version
-        self._held: list[tuple[Sequence, int] | None] = [None] * len(arrays.tables)
+        # per batch slot: the sequence and table list whose entries the slot's row holds, and
+        # that table's version (a table assigned anew is a new list, so it is seen too)
+        self._held: list[tuple[Sequence, list[int], int] | None] = [None] * len(arrays.tables)
 
     def fill(self, chunks: list[Chunk], seqs: int, per_seq: int) -> int:
         """Stages ``chunks`` as a (seqs x per_seq) step; returns the table width to copy."""
@@ -65,8 +67,8 @@ class StepStaging:
         return width
 
     def _stage_table(self, slot: int, seq: Sequence) -> None:
-        held = self._held[slot]
-        if held is not None and held[0] is seq and held[1] == seq.table_version:
+        held, table = self._held[slot], seq.block_table
+        if held is not None and held[0] is seq and held[1] is table and held[2] == seq.table_version:
             return
-        self.a.tables[slot, : len(seq.block_table)] = seq.block_table
-        self._held[slot] = (seq, seq.table_version)
+        self.a.tables[slot, : len(table)] = table
+        self._held[slot] = (seq, table, seq.table_version)
