@@ -4,8 +4,8 @@ from, for a batch of chunks padded to the graph's shape.
 Rows past a chunk's real tokens and sequences past the real batch are padding: they write only
 the scratch block and nothing reads their results. A sequence's block table is copied only
 when that batch slot last held another sequence or its table changed since (a new list, or a
-``table_version`` bump by the KV manager),
-so a decode batch of long contexts does not rewrite thousands of entries every token.
+``table_version`` bump by the KV manager), so a decode batch of long contexts does not
+rewrite thousands of entries every token.
 """
 
 from __future__ import annotations
