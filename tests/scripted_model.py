@@ -22,6 +22,7 @@ import torch
 
 from tests.tiny_models import (
     LLAMA3_TEMPLATE,
+    TINY_LAYERS,
     _transformers,
     qwen_tools_system_turn,
     train_test_tokenizer,
@@ -99,12 +100,7 @@ _STYLES: dict[str, dict[str, Any]] = {
     },
 }
 _SHAPE: dict[str, Any] = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
-    "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
+    **TINY_LAYERS,
     "max_position_embeddings": 2048,
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,

@@ -10,11 +10,9 @@ from livelm.daemon.engine.warmup import SHORT_CHUNKS, warm_up, warm_up_plan
 from livelm.daemon.kernels.torch_ref import REFERENCE
 from livelm.daemon.model.config import ModelConfig
 from livelm.daemon.model.decoder import LlamaDecoder
+from tests.tiny_models import TINY_LAYERS
 
-HF_SHAPE = dict(
-    hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128,
-    num_hidden_layers=2, vocab_size=300, max_position_embeddings=1024, head_dim=16,
-)
+HF_SHAPE = {**TINY_LAYERS, "vocab_size": 300, "max_position_embeddings": 1024}
 
 
 def test_plan_stays_inside_the_limits_and_covers_every_class() -> None:

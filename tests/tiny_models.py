@@ -125,13 +125,16 @@ _EXTRA_CORPUS = [
 ]
 
 _FAMILY_STYLE = {"llama": "llama3", "mistral": "llama3", "qwen2": "chatml", "qwen3": "chatml"}
-_SHAPE: dict[str, Any] = {
+TINY_LAYERS: dict[str, Any] = {  # the layer shapes every tiny test checkpoint shares
     "hidden_size": 64,
     "intermediate_size": 128,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
     "head_dim": 16,
+}
+_SHAPE: dict[str, Any] = {
+    **TINY_LAYERS,
     "max_position_embeddings": 512,
     "rms_norm_eps": 1e-5,
     # large enough that random models do not just repeat a token, so greedy tests discriminate

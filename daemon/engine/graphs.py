@@ -48,10 +48,8 @@ class StepGraphs:
             "ctx": torch.ones(seqs, dtype=torch.int32).pin_memory(),
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32).pin_memory(),
         }
-        h = self._host
         self._staging = StepStaging(
-            StagingArrays(*(h[k].numpy() for k in ("ids", "pos", "slots", "last", "ctx", "tables"))),
-            cache.block_size,
+            StagingArrays(**{k: v.numpy() for k, v in self._host.items()}), cache.block_size
         )
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import torch
 
-from livelm.daemon.engine.batch import build_batch
 from livelm.daemon.engine.block_pool import SCRATCH_BLOCK
 from livelm.daemon.engine.kv_cache import KVCache
+from livelm.daemon.engine.runner import ModelRunner
+from livelm.daemon.engine.sampling import SamplingParams
 from livelm.daemon.engine.scheduler import Chunk
 from livelm.daemon.engine.sequence import Sequence
 from livelm.daemon.model.decoder import LlamaDecoder
@@ -26,6 +27,7 @@ from livelm.protocol.errors import ConfigError
 SHORT_CHUNKS = (1, 2, 3, 5, 9, 17, 33, 65)
 FIRST_CONTEXT = 256  # contexts double from here: each split count class is met once
 DECODE_BATCH = 3  # decode rows of several sequences in one step
+GREEDY = SamplingParams(max_tokens=1)
 
 
 def warm_up_plan(max_batch_tokens: int, max_context: int) -> list[tuple[int, int, int]]:
@@ -49,7 +51,6 @@ def warm_up_plan(max_batch_tokens: int, max_context: int) -> list[tuple[int, int
     return sorted(set(plan))
 
 
-@torch.inference_mode()
 def warm_up(
     decoder: LlamaDecoder,
     cache: KVCache,
@@ -59,10 +60,11 @@ def warm_up(
 ) -> int:
     """Runs the plan's steps eagerly; returns how many ran."""
     plan = warm_up_plan(max_batch_tokens, max_context)
+    runner = ModelRunner(decoder, cache)  # no graphs: every step runs the eager path
     with Progress(len(plan), "compiling kernel variants", enabled=progress) as bar:
         for seqs, length, context in plan:
             try:
-                _step(decoder, cache, seqs, length, context)
+                _step(runner, seqs, length, context)
             except torch.cuda.OutOfMemoryError as exc:
                 # the same step would fail mid-stream later: say so now, with the knobs
                 raise ConfigError(
@@ -71,19 +73,14 @@ def warm_up(
                     f"or max_batch_tokens ({max_batch_tokens}): {exc}"
                 ) from exc
             bar.update(1)
-    if decoder.device.type == "cuda":
-        torch.cuda.synchronize(decoder.device)
-    return len(plan)
+    return len(plan)  # each step ended on reading its sampled tokens: all of it has run
 
 
-def _step(decoder: LlamaDecoder, cache: KVCache, seqs: int, length: int, context: int) -> None:
+def _step(runner: ModelRunner, seqs: int, length: int, context: int) -> None:
     total = context + length
-    blocks = -(-total // cache.block_size)
+    blocks = -(-total // runner.cache.block_size)
     chunks = [
         Chunk(Sequence([0] * total, block_table=[SCRATCH_BLOCK] * blocks), context, length, True)
         for _ in range(seqs)
     ]
-    batch = build_batch(chunks, cache.block_size, decoder.device)
-    hidden = decoder(batch.input_ids, batch.positions, batch.meta, cache.layers)
-    rows = torch.tensor(batch.sample_rows, dtype=torch.int64, device=decoder.device)
-    decoder.logits(hidden.index_select(0, rows))
+    runner.run(chunks, [GREEDY] * seqs, [None] * seqs)

@@ -44,7 +44,6 @@ Design:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -52,6 +51,8 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+
+from livelm.daemon.kernels.triton_backend.paged_decode import sm_count
 
 H200_SMS = 132
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -233,13 +234,6 @@ def _skinny_kernel(
 # ---- host side ---------------------------------------------------------------------------------
 def is_interpreted() -> bool:
     return not isinstance(_skinny_kernel, triton.runtime.JITFunction)
-
-
-@functools.lru_cache(maxsize=8)
-def sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4  # the interpreter: small grids, so tests exercise split-K
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 _COUNTERS: dict[tuple[str, int], torch.Tensor] = {}
