@@ -71,10 +71,11 @@ def main() -> int:
     p.add_argument("--contexts", default="3000,19000,32000")
     p.add_argument("--out", default="")
     p.add_argument("--kernels", action="store_true", help="also print GPU time per kernel")
+    p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
-                    kernel_policy=str(Path(__file__).with_name("bench_policy.yaml")))
+                    kernel_policy=args.kernel_policy)
     ceilings = measure_ceilings(config.torch_device())
     _, model = bind_and_load(config, progress=False)
     block = 16

@@ -59,10 +59,9 @@ CUDA_PRIORITY = (
     "torch_ref",
 )
 CPU_PRIORITY = ("torch_ref", *CUDA_PRIORITY[:-1])
-# cuBLAS stays the default for the projections until the skinny GEMM (faster alone, in
-# perf/results/*-skinny-gemm-*.json) is measured inside the daemon; a policy's prefer or lock,
-# or kernel_tune, can pick it
-OPERATION_PRIORITY: dict[str, tuple[str, ...]] = {"linear": ("torch_ref", "triton")}
+# an operation whose default order differs from the device's (none at present: the skinny
+# GEMM beat cuBLAS inside the daemon on the H200, perf/results/*-step-skinny-*.json)
+OPERATION_PRIORITY: dict[str, tuple[str, ...]] = {}
 
 CHOSEN, PASSED, REFUSED, UNAVAILABLE = "chosen", "passed", "refused", "unavailable"
 ALL_OPERATIONS = "*"  # the operation column of an unavailable backend's row
