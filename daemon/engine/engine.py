@@ -109,6 +109,7 @@ class Engine:
             self.max_context,
             self._report_threadsafe,
             reprefill=config.reprefill_queries,
+            run_ahead=config.decode_run_ahead,
         )
         self.sessions: dict[str, Session] = {}
         self._by_slot: dict[int, Session] = {}

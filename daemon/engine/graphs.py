@@ -82,12 +82,17 @@ class StepGraphs:
             return next(((1, n) for n in self.prefill_sizes if n >= chunks[0].length), None)
         return None
 
-    def run(self, chunks: list[Chunk], shape: Shape) -> torch.Tensor:
-        """Logits [len(chunks), vocab] of each chunk's last token."""
+    def run(
+        self, chunks: list[Chunk], shape: Shape, feed: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Logits [len(chunks), vocab] of each chunk's last token. ``feed``: the input ids of a
+        decode step's rows, already on the device (they override the staged ones)."""
         self._copied.synchronize()
         width = self._staging.fill(chunks, *shape)
         seqs = shape[0]
         self._rows_i64.copy_(self._host_i64, non_blocking=True)
+        if feed is not None:
+            self._dev["ids"][: len(chunks)].copy_(feed)
         self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
         tables, staged = self._dev["tables"], self._host["tables"]
         tables[:seqs, :width].copy_(staged[:seqs, :width], non_blocking=True)

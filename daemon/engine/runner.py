@@ -23,6 +23,16 @@ class StepOutput:
     scores: list[list[float]] = field(default_factory=list)  # per score chunk, per row
 
 
+@dataclass
+class PendingStep:
+    """A decode step launched but not yet read back: its sampled tokens are on the device."""
+
+    tokens: torch.Tensor  # int64 [sampling chunks]
+
+    def collect(self) -> StepOutput:
+        return StepOutput(self.tokens.tolist(), None)  # waits for the step
+
+
 class ModelRunner:
     def __init__(
         self, decoder: LlamaDecoder, cache: KVCache, graphs: StepGraphs | None = None
@@ -69,6 +79,31 @@ class ModelRunner:
             logits, sampling_batch(params, generators, self.device)
         )
         return StepOutput(tokens.tolist(), logits, scores)
+
+    @torch.inference_mode()
+    def launch_decode(
+        self,
+        chunks: list[Chunk],
+        params: list[SamplingParams],
+        generators: list[torch.Generator | None],
+        feed: torch.Tensor | None,
+    ) -> PendingStep:
+        """Launches a decode step (one sampled token per chunk) without waiting for it.
+
+        ``feed``: each chunk's input id on the device (the previous step's sampled tokens), for
+        chunks whose last token the host does not know yet; None takes them from the chunks.
+        """
+        shape = None if self.graphs is None else self.graphs.shape_for(chunks)
+        if shape is not None:
+            logits = self.graphs.run(chunks, shape, feed)
+        else:
+            batch = build_batch(chunks, self.cache.block_size, self.device)
+            if feed is not None:  # a decode batch holds one row per chunk, in chunk order
+                batch.input_ids[: len(chunks)].copy_(feed)
+            hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
+            logits = self.decoder.logits(hidden).float()
+        tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
+        return PendingStep(tokens)
 
     def _scores(
         self, hidden: torch.Tensor, rows: list[int], targets: list[int], chunks: list[Chunk]

@@ -20,7 +20,7 @@ from livelm.daemon.engine.choices import normalised
 from livelm.daemon.engine.detok import TextTracker
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.prefix_branch import branch_session
-from livelm.daemon.engine.runner import ModelRunner, StepOutput
+from livelm.daemon.engine.runner import ModelRunner, PendingStep, StepOutput
 from livelm.daemon.engine.scheduler import Chunk, Scheduler
 from livelm.daemon.engine.sequence import ChoiceState, Phase, QueryState, SessionState
 from livelm.daemon.model.tokenizer import Tokenizer
@@ -30,6 +30,7 @@ from livelm.protocol.messages import DoneReply, TokenEvent, Usage
 
 log = logging.getLogger("livelm.worker")
 IDLE_WAIT_S = 0.25
+PLACEHOLDER_TOKEN = 0  # stands for a token being drawn on the device while decoding ahead
 # what a step raises when its inputs cannot be computed (device errors, out-of-memory, a token
 # id outside the model's vocabulary); it fails the step's sequences, not the worker
 STEP_ERRORS = (RuntimeError, IndexError, LiveLMError)
@@ -80,6 +81,7 @@ class Worker(threading.Thread):
         max_context: int,
         report: Callable[[StepReport], None],
         reprefill: bool = False,
+        run_ahead: bool = True,
     ) -> None:
         super().__init__(name="livelm-worker", daemon=True)
         self.runner, self.kv, self.scheduler, self.ring = runner, kv, scheduler, ring
@@ -87,6 +89,8 @@ class Worker(threading.Thread):
         self.max_context = max_context
         self._report = report
         self._reprefill = reprefill  # baseline mode: queries recompute their whole context
+        self._run_ahead = run_ahead  # decode steps launch before the last one is read back
+        self.steps_ahead = 0  # decode steps launched before their predecessor was read back
         self.sessions: dict[int, SessionState] = {}
         self.queries: dict[int, QueryState] = {}
         self._trackers: dict[int, TextTracker] = {}
@@ -133,7 +137,9 @@ class Worker(threading.Thread):
         sessions = [s for s in self.sessions.values() if s.error is None]
         awaited = {q.slot for q in self.queries.values() if q.phase is Phase.WAITING}
         chunks = self.scheduler.plan(sessions, queries, awaited)
-        if chunks:
+        if chunks and self._run_ahead and self._decodes_only(chunks):
+            self._decode_ahead(chunks)
+        elif chunks:
             self._step(chunks)
         self._flush()
         if not chunks:
@@ -257,6 +263,99 @@ class Worker(threading.Thread):
                 first = out.logits[i] if q.capture_logits and not q.output else None
                 self._on_token(q, out.tokens[i], first)
 
+    # ---- decoding ahead ----------------------------------------------------------------------
+    def _decode_ahead(self, chunks: list[Chunk]) -> None:
+        """Decode steps back to back, each launched before the previous one's tokens are read:
+        the next step's input ids are the previous step's sampled tokens, copied on the device,
+        so reading tokens back, reporting and staging overlap the GPU's work. It goes on while
+        nothing else waits (no command, no ring record, no session data to ingest); a query
+        that ends meanwhile (a stop token or string, a cancel) wastes one row of the step in
+        flight, whose result for it is dropped."""
+        try:
+            pending = self._launch_decode(chunks, None)
+        except STEP_ERRORS:
+            self._step(chunks)  # again the ordinary way, which fails what must fail
+            return
+        while True:
+            ahead, feed = self._continuation(chunks, pending) if self._quiet() else ([], None)
+            pending_ahead = None
+            if ahead:
+                try:
+                    pending_ahead = self._launch_decode(ahead, feed)
+                    self.steps_ahead += 1
+                except STEP_ERRORS as exc:
+                    log.warning("launching a decode step ahead failed (%s); stepping singly", exc)
+                    self._drop_placeholders(ahead)
+            try:
+                out = pending.collect()
+            except STEP_ERRORS as exc:
+                for ch in chunks:
+                    self._step_failed(ch, exc)
+                out = None
+            if out is not None:
+                live = [ch for ch in chunks if self._live(ch.seq)]
+                self._apply_step(live, _rows_of(out, chunks, live))
+            self._flush()
+            if pending_ahead is None:
+                return
+            chunks, pending = ahead, pending_ahead
+
+    def _decodes_only(self, chunks: list[Chunk]) -> bool:
+        return all(
+            isinstance(ch.seq, QueryState) and ch.seq.phase is Phase.DECODE and ch.sample
+            and ch.length == 1 and ch.seq.choices is None
+            for ch in chunks
+        )
+
+    def _quiet(self) -> bool:
+        return (
+            self._commands.empty()
+            and self.ring.used == 0
+            and not any(s.pending > 0 and s.error is None for s in self.sessions.values())
+        )
+
+    def _continuation(
+        self, chunks: list[Chunk], pending: PendingStep
+    ) -> tuple[list[Chunk], torch.Tensor | None]:
+        """The next decode step of the chunks' queries that will still be answering after the
+        step in flight (as far as the host can tell), each with a placeholder for the token it
+        is drawing; and their input ids on the device."""
+        ahead, rows = [], []
+        for i, ch in enumerate(chunks):
+            q = ch.seq
+            if not self._live(q) or len(q.output) + 2 > q.params.max_tokens:
+                continue  # the step in flight draws its last token (or it is gone)
+            start = ch.start + 1
+            try:
+                self.kv.prepare_write(q, start, start + 1)
+            except STEP_ERRORS:
+                continue  # out of blocks, say: it steps the ordinary way next turn
+            q.tokens.append(PLACEHOLDER_TOKEN)
+            ahead.append(Chunk(q, start, 1, True))
+            rows.append(i)
+        if not ahead:
+            return [], None
+        if len(rows) == len(chunks):
+            return ahead, pending.tokens
+        index = torch.tensor(rows, dtype=torch.int64).to(pending.tokens.device)
+        return ahead, pending.tokens.index_select(0, index)
+
+    def _launch_decode(self, chunks: list[Chunk], feed: torch.Tensor | None) -> PendingStep:
+        for ch in chunks:
+            self.kv.prepare_write(ch.seq, ch.start, ch.start + 1)
+        queries = [ch.seq for ch in chunks]
+        return self.runner.launch_decode(
+            chunks,
+            [q.params for q in queries],
+            [self._generators[q.query_id] for q in queries],
+            feed,
+        )
+
+    def _drop_placeholders(self, ahead: list[Chunk]) -> None:
+        for ch in ahead:
+            if ch.seq.length == ch.start + 1:
+                ch.seq.tokens.pop()
+
     def _live(self, seq: SessionState | QueryState | ChoiceState) -> bool:
         if isinstance(seq, SessionState):
             return self.sessions.get(seq.slot) is seq and seq.error is None
@@ -350,6 +449,8 @@ class Worker(threading.Thread):
             self._finish(q, "stop")
         elif len(q.output) >= q.params.max_tokens:
             self._finish(q, "length")
+        elif q.length > q.num_computed:  # decoding ahead left a placeholder for this token
+            q.tokens[q.num_computed - q.base] = token
         else:
             q.tokens.append(token)
 
@@ -413,6 +514,14 @@ class Worker(threading.Thread):
         if self._updates or progress or self._drained:
             self._report(StepReport(self._updates, progress, self._drained))
             self._updates, self._drained = {}, False
+
+
+def _rows_of(out: StepOutput, chunks: list[Chunk], live: list[Chunk]) -> StepOutput:
+    """``out`` restricted to the ``live`` chunks (a sub-list of ``chunks``, in order)."""
+    if len(live) == len(chunks):
+        return out
+    keep = {id(ch) for ch in live}
+    return StepOutput([t for t, ch in zip(out.tokens, chunks, strict=True) if id(ch) in keep], None)
 
 
 def _session_failed(error: str) -> InternalError:
