@@ -2,6 +2,10 @@
 on Llama-3.1-8B's projections at M = 1..64 rows, bf16, in multiples of the weight-read floor
 (weight bytes at the device-to-device copy bandwidth measured in the same run).
 
+The ``down_swiglu`` case is the down projection with SwiGLU fused in (``swiglu_linear``: gate_up
+[M, 28672] by the [4096, 14336] weight), against the swiglu kernel followed by cuBLAS (reported
+as cuBLAS) and by the skinny GEMM with the fused kernel's best config (``unfused_us``).
+
 Each timing captures --calls back-to-back calls in one CUDA graph, cycling through enough copies
 of the weight (over 200 MB together) that every call reads its weight from HBM rather than the
 60 MB L2, and reports the median over --replays replays, per call. The configs per (shape, M):
@@ -38,7 +42,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[1]
 # (name, out_features N, in_features K) of Llama-3.1-8B's per-layer projections
-SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("down", 4096, 14336), ("gate_up", 28672, 4096)]
+SHAPES = [("qkv", 6144, 4096), ("o", 4096, 4096), ("down", 4096, 14336), ("gate_up", 28672, 4096),
+          ("down_swiglu", 4096, 14336)]
+FUSED = {"down_swiglu"}  # x is gate_up [M, 2K], through swiglu_linear
 ROWS = "1,8,16,32,48,64"
 DTYPE = torch.bfloat16
 L2_DEFEAT_BYTES = 200e6  # H200 L2: 60 MB
@@ -58,7 +64,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny grid: one tile shape, no refining")
     p.add_argument("--rows", default=ROWS, help=f"M values (default {ROWS})")
     p.add_argument("--shapes", default=",".join(s[0] for s in SHAPES),
-                   help="which of qkv,o,down,gate_up")
+                   help="which of qkv,o,down,gate_up,down_swiglu")
     p.add_argument("--calls", type=int, default=20, help="calls captured per graph")
     p.add_argument("--replays", type=int, default=9, help="timed replays per graph (median)")
     return p.parse_args()
@@ -137,7 +143,8 @@ def refinements(ranked: Iterable[SkinnyConfig], top: int) -> list[SkinnyConfig]:
     return out
 
 
-def precompile(sg: ModuleType, jobs: list[tuple[int, int, int, SkinnyConfig]]) -> None:
+def precompile(sg: ModuleType, jobs: list[tuple[int, int, int, SkinnyConfig]],
+               swiglu: bool = False) -> None:
     """Compile ahead in threads (ptxas runs outside the GIL); lazily at first call otherwise."""
     try:
         from triton.runtime._async_compile import AsyncCompileMode
@@ -147,7 +154,7 @@ def precompile(sg: ModuleType, jobs: list[tuple[int, int, int, SkinnyConfig]]) -
         with ThreadPoolExecutor(min(16, os.cpu_count() or 4)) as pool, \
                 AsyncCompileMode(pool, ignore_errors=True):
             for m, n, k, config in jobs:
-                sg.precompile(m, n, k, DTYPE, config)
+                sg.precompile(m, n, k, DTYPE, config, swiglu=swiglu)
     except Exception as exc:  # noqa: BLE001 - whatever failed compiles again at first call
         print(f"  precompile: {type(exc).__name__}: {exc}; compiling at first call", flush=True)
 
@@ -186,14 +193,22 @@ class Case:
     x: torch.Tensor
     weights: list[torch.Tensor]
     floor_us: float
+    fused: bool = False  # x is gate_up [m, 2k]: swiglu_linear against swiglu, then the GEMM
+
+    def ours(self, sg: ModuleType) -> Callable[..., torch.Tensor]:
+        return sg.swiglu_linear if self.fused else sg.skinny_linear
+
+    def act(self, sg: ModuleType) -> torch.Tensor:
+        """The GEMM's x for the unfused runs (the swiglu kernel's output when fused)."""
+        return sg.swiglu_kernel.swiglu(self.x) if self.fused else self.x
 
 
 def time_config(sg: ModuleType, case: Case, config: SkinnyConfig,
                 args: argparse.Namespace) -> dict[str, Any]:
-    ws = case.weights
+    ws, ours = case.weights, case.ours(sg)
     row: dict[str, Any] = {"config": dataclasses.asdict(config)}
     try:
-        row["us"] = graph_us(lambda i: sg.skinny_linear(case.x, ws[i % len(ws)], config),
+        row["us"] = graph_us(lambda i: ours(case.x, ws[i % len(ws)], config),
                              args.calls, args.replays)
     except Exception as exc:  # noqa: BLE001 - out of shared memory etc.: note it, go on
         row["error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
@@ -202,14 +217,15 @@ def time_config(sg: ModuleType, case: Case, config: SkinnyConfig,
 
 def sweep_case(sg: ModuleType, case: Case, num_sms: int, args: argparse.Namespace) -> dict:
     started = time.time()
-    ws = case.weights
-    cublas = graph_us(lambda i: F.linear(case.x, ws[i % len(ws)]), args.calls, args.replays)
-    default = sg.default_config(case.m, case.n, case.k, num_sms)
+    ws, ours = case.weights, case.ours(sg)
+    cublas = graph_us(lambda i: F.linear(case.act(sg), ws[i % len(ws)]), args.calls, args.replays)
+    pick = sg.swiglu_default_config if case.fused else sg.default_config
+    default = pick(case.m, case.n, case.k, num_sms)
     timed: dict[SkinnyConfig, dict[str, Any]] = {}
 
     def run(configs: list[SkinnyConfig]) -> None:
         fresh = [c for c in dict.fromkeys(configs) if c not in timed]
-        precompile(sg, [(case.m, case.n, case.k, c) for c in fresh])
+        precompile(sg, [(case.m, case.n, case.k, c) for c in fresh], case.fused)
         for c in fresh:
             timed[c] = time_config(sg, case, c, args)
 
@@ -217,17 +233,22 @@ def sweep_case(sg: ModuleType, case: Case, num_sms: int, args: argparse.Namespac
     if not args.quick:
         run(refinements(_ranked(timed), REFINE_TOP))
     best = _ranked(timed)[0]
-    ours, theirs = sg.skinny_linear(case.x, ws[0], best).float(), F.linear(case.x, ws[0]).float()
-    exact = case.x.float() @ ws[0].float().T
+    act = case.act(sg)
+    mine, theirs = ours(case.x, ws[0], best).float(), F.linear(act, ws[0]).float()
+    exact = act.float() @ ws[0].float().T
     result = {
         "gemm": case.name, "n": case.n, "k": case.k, "m": case.m, "floor_us": case.floor_us,
         "cublas_us": cublas, "best_us": timed[best]["us"], "best_config": dataclasses.asdict(best),
         "default_us": timed[default].get("us"), "default_config": dataclasses.asdict(default),
-        "max_abs_err_vs_cublas": (ours - theirs).abs().max().item(),
+        "max_abs_err_vs_cublas": (mine - theirs).abs().max().item(),
         "max_abs_err_cublas_vs_fp32": (theirs - exact).abs().max().item(),
-        "max_abs_err_vs_fp32": (ours - exact).abs().max().item(), "configs_timed": len(timed),
+        "max_abs_err_vs_fp32": (mine - exact).abs().max().item(), "configs_timed": len(timed),
         "seconds": time.time() - started, "sweep": list(timed.values()),
     }
+    if case.fused:  # the two-kernel path with the same config: what fusing saves
+        result["unfused_us"] = graph_us(
+            lambda i: sg.skinny_linear(case.act(sg), ws[i % len(ws)], best),
+            args.calls, args.replays)
     print(_line(result), flush=True)
     return result
 
@@ -250,7 +271,10 @@ def _line(r: dict[str, Any]) -> str:
     f = r["floor_us"]
     d = r["default_us"]
     default = f"{d:.1f} us ({d / f:.2f}x)" if d is not None else "error"
-    return (f"{r['gemm']:>7} M={r['m']:<3d} cuBLAS {r['cublas_us']:6.1f} us "
+    fused = "unfused_us" in r
+    unfused = f"  swiglu+triton {r['unfused_us']:.1f} us" if fused else ""
+    cublas = "swiglu+cuBLAS" if fused else "cuBLAS"
+    return (f"{r['gemm']:>7} M={r['m']:<3d}{unfused}  {cublas} {r['cublas_us']:6.1f} us "
             f"({r['cublas_us'] / f:.2f}x)  triton {r['best_us']:6.1f} us "
             f"({r['best_us'] / f:.2f}x) [{_config_str(r['best_config'])}]  default {default}"
             f"  floor {f:.1f} us  max err vs cuBLAS {r['max_abs_err_vs_cublas']:.1e} (both vs "
@@ -313,8 +337,9 @@ def main() -> int:
     for name, n, k in (s for s in SHAPES if s[0] in wanted):
         weights = _weights(n, k, device)
         for m in rows:
-            x = torch.randn(m, k, device=device, dtype=DTYPE)
-            case = Case(name, n, k, m, x, weights, n * k * 2 / copy_bw * 1e6)
+            fused = name in FUSED
+            x = torch.randn(m, 2 * k if fused else k, device=device, dtype=DTYPE)
+            case = Case(name, n, k, m, x, weights, n * k * 2 / copy_bw * 1e6, fused)
             results.append(sweep_case(sg, case, num_sms, args))
         del weights
         torch.cuda.empty_cache()

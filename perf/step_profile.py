@@ -18,20 +18,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import forward_floor_ms, measure_ceilings  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
+from livelm.daemon.engine.batch import build_batch  # noqa: E402
 from livelm.daemon.engine.block_pool import BlockPool  # noqa: E402
 from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
 from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
+from livelm.daemon.kernels.triton_backend import pdl  # noqa: E402
 
 
-def replay_ms(graphs: StepGraphs, chunk: Chunk, shape: tuple[int, int], repeat: int = 30) -> float:
+def replay_ms(graphs: StepGraphs, chunk: Chunk | None, shape: tuple[int, int], repeat: int = 30,
+              chunks: list[Chunk] | None = None) -> float:
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graphs.run([chunk], shape)
+        graphs.run(chunks or [chunk], shape)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -65,6 +68,42 @@ def kernel_breakdown(
     return rows
 
 
+def eager_ms(decoder, cache: KVCache, chunks: list[Chunk], repeat: int = 5) -> float:
+    """GPU-side time of one eager step (a batch no graph holds), CUDA events around it."""
+    times = []
+    for _ in range(repeat + 1):
+        batch = build_batch(chunks, cache.block_size, decoder.device)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        decoder(batch.input_ids, batch.positions, batch.meta, cache.layers)
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times[1:])
+
+
+def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
+                  sessions: int, context: int) -> dict:
+    """The 64-sessions workload's two steps: every session's 32-token question prefilled in
+    one eager step, then one decode token for each (a captured graph)."""
+    block = cache.block_size
+    seqs = []
+    for _ in range(sessions):
+        seq = Sequence(tokens=[1] * (context + 33))
+        seq.block_table = pool.allocate(-(-(context + 33) // block))
+        seqs.append(seq)
+    with torch.inference_mode():
+        prefill = eager_ms(decoder, cache, [Chunk(s, context, 32, True) for s in seqs])
+    decode = replay_ms(graphs, None, (sessions, 1), chunks=[Chunk(s, context + 32, 1, True) for s in seqs])
+    for seq in seqs:
+        pool.release(seq.block_table)
+    row = {"sessions": sessions, "context": context, "question_prefill_gpu_ms": prefill,
+           "decode_gpu_ms": decode}
+    print(f"{sessions} sessions x {context}: 32-token questions prefill {prefill:.2f} ms (eager), "
+          f"decode step {decode:.2f} ms", flush=True)
+    return row
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="random:llama-3.1-8b")
@@ -72,20 +111,26 @@ def main() -> int:
     p.add_argument("--out", default="")
     p.add_argument("--kernels", action="store_true", help="also print GPU time per kernel")
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
+    p.add_argument("--sessions", type=int, default=64,
+                   help="also time the many-sessions steps (0 = skip)")
+    p.add_argument("--session-context", type=int, default=4096)
+    p.add_argument("--no-pdl", action="store_true",
+                   help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
+    pdl.set_enabled(not args.no_pdl)
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
                     kernel_policy=args.kernel_policy)
     ceilings = measure_ceilings(config.torch_device())
     _, model = bind_and_load(config, progress=False)
     block = 16
-    blocks = max(contexts) // block + 64
+    blocks = max(contexts) // block + 64 + args.sessions * (args.session_context // block + 4)
     cache = KVCache(model.config, blocks, block, config.torch_dtype(), config.torch_device())
     for k, v in cache.layers:  # random KV: never time on zeros
         k.normal_()
         v.normal_()
     pool = BlockPool(blocks)
-    graphs = StepGraphs(model.decoder, cache, max(contexts) + 256, 1, 32)
+    graphs = StepGraphs(model.decoder, cache, max(contexts) + 256, max(1, args.sessions), 32)
     graphs.capture(progress=False)
     rows = []
     for ctx in contexts:
@@ -94,6 +139,7 @@ def main() -> int:
         question = replay_ms(graphs, Chunk(seq, ctx, 32, True), (1, 32))
         decode = replay_ms(graphs, Chunk(seq, ctx, 1, True), (1, 1))
         row = {"context": ctx, "question_32_gpu_ms": question, "decode_gpu_ms": decode,
+               "pdl": pdl.enabled_on(config.torch_device()),
                "floor_ms": forward_floor_ms(model.config, ceilings, ctx, 32)}
         if args.kernels:
             print(f"context {ctx}, 32-token question step, by kernel:")
@@ -102,8 +148,12 @@ def main() -> int:
             row["decode_kernels"] = kernel_breakdown(graphs, Chunk(seq, ctx, 1, True), (1, 1))
         pool.release(seq.block_table)
         rows.append(row)
-        print(f"context {ctx}: 32-token question step {question:.2f} ms, decode step {decode:.2f} ms, "
+        print(f"context {ctx} (PDL {'on' if pdl.enabled_on(config.torch_device()) else 'off'}): "
+              f"32-token question step {question:.2f} ms, decode step {decode:.2f} ms, "
               f"floor {rows[-1]['floor_ms']:.2f} ms", flush=True)
+    if args.sessions:
+        rows.append(many_sessions(graphs, model.decoder, cache, pool, args.sessions,
+                                  args.session_context))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

@@ -151,6 +151,7 @@ def test_bound_functions_are_the_candidate_functions_themselves(full: Binding) -
     assert k.add_rms_norm is torch_ref.add_rms_norm
     assert k.rope is torch_ref.rope
     assert k.swiglu is torch_ref.swiglu
+    assert k.swiglu_linear is torch_ref.swiglu_linear
     assert k.prefill_attention is torch_ref.paged_attention
     assert k.decode_attention is torch_ref.paged_attention
     assert k.sample is torch_ref.sample

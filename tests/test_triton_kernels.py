@@ -270,7 +270,7 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
 
     found = {c.operation: c for c in candidates()}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
-                          "rope", "rope_store_kv", "swiglu", "linear"}
+                          "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
     decode = found["decode_attention"].supports
     assert "head_dim" in decode(_target(head_dim=96))

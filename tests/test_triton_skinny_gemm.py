@@ -1,4 +1,5 @@
-"""The skinny Triton GEMM against ``x.float() @ w.float().T``.
+"""The skinny Triton GEMM against ``x.float() @ w.float().T``, and its SwiGLU-fused variant
+against ``swiglu(gate_up).float() @ w.float().T``.
 
 Without CUDA the kernel runs on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 must be
 set when the kernel is decorated, so this module imports (or re-imports) it with it set, and
@@ -11,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from livelm.daemon.kernels import torch_ref
 from tests.triton_interpret import (
     CUDA,
     DEVICE,
@@ -20,7 +22,9 @@ from tests.triton_interpret import (
 )
 
 MODULE = "livelm.daemon.kernels.triton_backend.skinny_gemm"
-sg = import_kernels([MODULE])[MODULE]
+SWIGLU = "livelm.daemon.kernels.triton_backend.swiglu"  # the unfused path of swiglu_linear
+_modules = import_kernels([MODULE, SWIGLU])
+sg, sw = _modules[MODULE], _modules[SWIGLU]
 Cfg = sg.SkinnyConfig
 _interpreter_while_testing = pytest.fixture(autouse=True, scope="module")(interpreter_while_testing)
 
@@ -40,12 +44,12 @@ def _inputs(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
     return x, w
 
 
-def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+def _check(out: torch.Tensor, x: torch.Tensor, w: torch.Tensor, tol: float | None = None) -> None:
     ref = x.float() @ w.float().T
     assert out.shape == ref.shape and out.dtype == x.dtype and out.device == x.device
     assert torch.isfinite(out).all(), "an output element is not finite (never written?)"
     rel = ((out.double() - ref.double()).norm() / ref.double().norm().clamp_min(1e-30)).item()
-    assert rel < TOL[x.dtype], f"relative error {rel:.2e}"
+    assert rel < (tol or TOL[x.dtype]), f"relative error {rel:.2e}"
 
 
 # (M, N, K, config): K not a multiple of BLOCK_K (200), N not a multiple of BLOCK_N (96 / 64),
@@ -243,3 +247,165 @@ def test_dispatcher_binds_the_skinny_gemm_first_on_cuda_and_cublas_on_the_cpu() 
     assert preferred.kernels.linear is sg.linear
     torch_first = bind({"linear": ("torch_ref.linear",)})
     assert torch_first.kernels.linear is torch.nn.functional.linear
+
+
+# ---- SwiGLU fused into the down projection ----------------------------------------------------
+def _gate_up(m: int, n: int, k: int, dtype: torch.dtype, seed: int = 0):
+    """gate_up [m, 2k] (wide enough that silu is far from linear) and a down weight [n, k]."""
+    g = torch.Generator().manual_seed(seed)
+    gate_up = (2 * torch.randn(m, 2 * k, generator=g)).to(dtype=dtype, device=DEVICE)
+    w = (torch.randn(n, k, generator=g) / max(k, 1) ** 0.5).to(dtype=dtype, device=DEVICE)
+    return gate_up, w
+
+
+# the interpreter truncates fp32 -> bf16 casts (the GPU rounds to nearest even), which biases
+# every rounded activation the same way, so its errors add up along K
+FUSED_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2 if CUDA else 3e-2}
+
+
+def _check_fused(out: torch.Tensor, gate_up: torch.Tensor, w: torch.Tensor) -> None:
+    """Against the reference activation (rounded to the dtype) times w, in fp32."""
+    _check(out, torch_ref.swiglu(gate_up), w, FUSED_TOL[gate_up.dtype])
+
+
+# (M, N, K, config): M from 1 to 64, odd K (37) and K ending mid-tile (100), N not a multiple of
+# BLOCK_N (48), several M tiles (33 / 16), splits with both combines, and the CUDA-core path
+FUSED_CASES = [
+    (1, 32, 64, Cfg(16, 32, 32, split_k=1, num_warps=4, num_stages=2)),
+    (3, 48, 37, Cfg(16, 32, 16, split_k=3, num_warps=4, num_stages=2, combine="semaphore")),
+    (16, 32, 64, Cfg(16, 32, 32, split_k=2, num_warps=4, num_stages=2, combine="semaphore")),
+    (33, 48, 100, Cfg(16, 32, 32, split_k=1, num_warps=4, num_stages=2)),
+    (64, 32, 64, Cfg(64, 32, 16, split_k=2, num_warps=4, num_stages=2, combine="atomic")),
+    (1, 32, 37, Cfg(1, 16, 16, split_k=2, num_warps=4, num_stages=2, combine="semaphore")),
+    (3, 48, 64, Cfg(2, 32, 32, split_k=1, num_warps=4, num_stages=2)),
+    (3, 32, 100, Cfg(4, 32, 32, split_k=3, num_warps=4, num_stages=2, combine="semaphore")),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "config"), FUSED_CASES,
+    ids=[f"M{m}-N{n}-K{k}-bm{c.block_m}-bn{c.block_n}-bk{c.block_k}-s{c.split_k}-{c.combine}"
+         for m, n, k, c in FUSED_CASES],
+)
+def test_swiglu_linear_matches_reference(m: int, n: int, k: int, config: object,
+                                         dtype: torch.dtype) -> None:
+    gate_up, w = _gate_up(m, n, k, dtype)
+    out = sg.swiglu_linear(gate_up, w, config)
+    _check_fused(out, gate_up, w)
+    # the activation is rounded as the swiglu kernel rounds it: the two-kernel path's bits
+    assert torch.equal(out, sg.skinny_linear(sw.swiglu(gate_up), w, config))
+
+
+def test_swiglu_linear_cases_really_split() -> None:
+    plan = sg._plan(3, 48, 37, torch.float32, FUSED_CASES[1][3], swiglu=True)
+    assert plan.grid == (2, 3, 1) and plan.combine == sg._SEMAPHORE
+    assert plan.meta["SWIGLU"] and not plan.meta["EVEN_K"]
+    assert not sg._plan(3, 48, 37, torch.float32, FUSED_CASES[1][3]).meta["SWIGLU"]
+
+
+def test_swiglu_default_config_takes_the_cuda_cores_for_one_row() -> None:
+    c = sg.swiglu_default_config(1, 4096, 14336, num_sms=132)
+    assert (c.block_m, c.uses_dot, c.split_k) == (1, False, 4)
+    assert 14336 % (c.block_k * c.split_k) == 0
+    for m in (2, 16, 64):
+        assert sg.swiglu_default_config(m, 4096, 14336) == sg.default_config(m, 4096, 14336)
+
+
+def test_swiglu_linear_default_config_and_strided_gate_up() -> None:
+    for m in (1, 5):
+        gate_up, w = _gate_up(m, 96, 100, torch.bfloat16, seed=1)
+        _check_fused(sg.swiglu_linear(gate_up, w), gate_up, w)
+    wide = torch.zeros(5, 250, device=DEVICE, dtype=torch.bfloat16)
+    wide[:, 30:230] = gate_up
+    _check_fused(sg.swiglu_linear(wide[:, 30:230], w, SPLIT1), gate_up, w)  # row stride 250
+    _check_fused(sg.swiglu_linear(gate_up.T.contiguous().T, w, SPLIT1), gate_up, w)
+
+
+def test_swiglu_linear_empty_dimensions_and_precompile() -> None:
+    gate_up, w = _gate_up(0, 32, 64, torch.float32)
+    assert sg.swiglu_linear(gate_up, w).shape == (0, 32)
+    gate_up, w = _gate_up(3, 32, 0, torch.float32)
+    out = sg.swiglu_linear(gate_up, w)
+    assert out.shape == (3, 32) and not out.any()
+    sg.precompile(3, 48, 37, torch.bfloat16, FUSED_CASES[1][3], swiglu=True)  # interpreter: no-op
+
+
+def test_swiglu_linear_bad_inputs_raise_value_error() -> None:
+    gate_up, w = _gate_up(2, 32, 64, torch.float32)
+    bad = [
+        (gate_up[0], w, "must be \\[M, 2K\\]"),
+        (gate_up[:, :64], w, "64 columns but weight has K=64"),
+        (gate_up.bfloat16(), w, "share one dtype"),
+        (gate_up, torch.randn(64, 32, device=DEVICE).T, "row-major"),
+    ]
+    for a, b, match in bad:
+        with pytest.raises(ValueError, match=match):
+            sg.swiglu_linear(a, b)
+
+
+def test_swiglu_linear_op_fuses_up_to_the_row_limit_and_falls_back_beyond(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    gate_up, w = _gate_up(sg.MAX_SKINNY_ROWS + 1, 40, 48, torch.float32, seed=4)
+    fused_rows, skinny_rows = gate_up[: sg.MAX_FUSED_ROWS], gate_up[: sg.MAX_FUSED_ROWS + 1]
+    fused = sg.swiglu_linear(fused_rows, w)
+
+    def fail(*_: object) -> None:
+        raise AssertionError("took the wrong path")
+
+    with monkeypatch.context() as patched:  # few rows: the fused kernel alone
+        patched.setattr(sg.swiglu_kernel, "swiglu", fail)
+        assert torch.equal(sg.swiglu_linear_op(fused_rows, w), fused)
+    with monkeypatch.context() as patched:  # more rows, or not 2-D: the swiglu kernel first
+        patched.setattr(sg, "swiglu_linear", fail)
+        act = sw.swiglu(gate_up)
+        expected = sg.skinny_linear(act[: sg.MAX_FUSED_ROWS + 1], w)
+        assert torch.equal(sg.swiglu_linear_op(skinny_rows, w), expected)
+        assert torch.equal(sg.swiglu_linear_op(gate_up, w), torch.nn.functional.linear(act, w))
+        batched = sg.swiglu_linear_op(fused_rows[:6].view(2, 3, 96), w)
+        assert torch.equal(batched, torch.nn.functional.linear(act[:6], w).view(2, 3, 40))
+    _check_fused(sg.swiglu_linear_op(gate_up, w), gate_up, w)
+
+
+def test_dispatcher_binds_the_fused_down_projection_when_preferred() -> None:
+    from livelm.daemon.kernels.dispatcher import (
+        BACKEND_SOURCES,
+        ResolveOptions,
+        resolve_kernels,
+        target_for,
+    )
+    from livelm.daemon.kernels.ops import OPERATIONS
+    from livelm.daemon.kernels.policy import Policy
+    from livelm.daemon.model.presets import preset_config
+
+    target = target_for(preset_config("random:tiny"), DEVICE, torch.float32, 16)
+    others = {op: ("triton*",) for op in OPERATIONS if op != "swiglu_linear"}
+    sources = tuple(s for s in BACKEND_SOURCES if s[0] in ("torch", "triton"))
+
+    def bind(prefer: dict[str, tuple[str, ...]]):
+        return resolve_kernels(target, Policy(deny=others, prefer=prefer), ResolveOptions(sources=sources))
+
+    default = bind({})
+    if DEVICE.type == "cuda":
+        assert default.kernels.swiglu_linear is sg.swiglu_linear_op
+    else:  # the check ran the fused kernel (and its fallback) in the interpreter
+        assert default.kernels.swiglu_linear is torch_ref.swiglu_linear
+        row = next(d for d in default.table if d.candidate == "triton.swiglu_linear")
+        assert row.status == "passed", row.reason
+    preferred = bind({"swiglu_linear": ("triton.swiglu_linear",)})
+    assert preferred.kernels.swiglu_linear is sg.swiglu_linear_op
+    torch_first = bind({"swiglu_linear": ("torch_ref.swiglu_linear",)})
+    assert torch_first.kernels.swiglu_linear is torch_ref.swiglu_linear
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_fused_down_projection_on_llama_shapes() -> None:
+    """Llama-3.1-8B's down projection: gate_up [M, 28672] by weight [4096, 14336]."""
+    for m in (1, 2, 8, 32, 48, 64):
+        gate_up, w = _gate_up(m, 4096, 14336, torch.bfloat16, seed=m)
+        out = sg.swiglu_linear(gate_up, w)
+        _check_fused(out, gate_up, w)
+        config = sg.swiglu_default_config(m, 4096, 14336, sg.sm_count(gate_up.device))
+        assert torch.equal(out, sg.skinny_linear(sw.swiglu(gate_up), w, config))

@@ -33,13 +33,19 @@ def interpret_env(on: bool) -> Iterator[None]:
             os.environ["TRITON_INTERPRET"] = before
 
 
+SHARED_JIT_MODULES = ("livelm.daemon.kernels.triton_backend.pdl",)  # jit helpers kernels call
+
+
 def import_kernels(names: list[str]) -> dict[str, types.ModuleType]:
     """The modules by dotted name, in dependency order; the first must offer
-    ``is_interpreted()``. Without CUDA, ones imported compiled earlier are re-imported."""
+    ``is_interpreted()``. Without CUDA, ones imported compiled earlier are re-imported, after
+    the shared jit helpers they call (an interpreted kernel cannot call a compiled helper)."""
     with interpret_env(not CUDA):
         pytest.importorskip("triton")
         mods = {name: importlib.import_module(name) for name in names}
         if not CUDA and not mods[names[0]].is_interpreted():
+            for shared in SHARED_JIT_MODULES:
+                importlib.reload(importlib.import_module(shared))
             for name in names:
                 mods[name] = importlib.reload(mods[name])
     return mods

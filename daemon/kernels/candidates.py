@@ -22,6 +22,7 @@ class Target:
     block_size: int
     sliding_window: int | None
     vocab_size: int
+    intermediate_size: int | None = None  # the MLP's; None: checks assume 4 x hidden_size
 
 
 @dataclass(frozen=True)

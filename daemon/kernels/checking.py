@@ -226,6 +226,21 @@ def _linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
     return cases
 
 
+def _swiglu_linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
+    """The down projection's activation and GEMM: rows on both sides of a fused kernel's limit,
+    the model's intermediate (as K) and hidden (as N) sizes, and an odd K."""
+    t, dt = target, target.dtype
+    inner = t.intermediate_size or 4 * t.hidden_size
+    cases = []
+    for rows, out_dim, in_dim in ((1, 96, inner), (ROWS, t.hidden_size, 200), (33, 48, 37), (70, 40, 64)):
+        gate_up = _randn(gen, t, rows, 2 * in_dim)
+        w = _randn(gen, t, out_dim, in_dim) * in_dim**-0.5
+        expected = torch_ref.swiglu_linear(gate_up.float(), w.float())
+        label = f"{rows}x{2 * in_dim} by {out_dim}"
+        cases.append(Case(label, (gate_up, w), _close_one(expected, dt)))
+    return cases
+
+
 # --- sampling --------------------------------------------------------------------------------
 
 PLANTED = (20.0, 19.5, 19.0, 18.5, 18.0)  # far above N(0, 1) noise: the top tokens are known
@@ -451,5 +466,6 @@ _BUILDERS: dict[str, Callable[[Target, torch.Generator], list[Case]]] = {
     "rope_store_kv": _rope_store_kv_cases,
     "swiglu": _swiglu_cases,
     "linear": _linear_cases,
+    "swiglu_linear": _swiglu_linear_cases,
     "sample": _sample_cases,
 }

@@ -136,6 +136,7 @@ def target_for(config: ModelConfig, device: torch.device, dtype: torch.dtype, bl
         block_size=block_size,
         sliding_window=config.sliding_window,
         vocab_size=config.vocab_size,
+        intermediate_size=config.intermediate_size,
     )
 
 

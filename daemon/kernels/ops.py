@@ -19,6 +19,7 @@ OPERATIONS = (
     "rope_store_kv",
     "swiglu",
     "linear",
+    "swiglu_linear",
     "prefill_attention",
     "decode_attention",
     "sample",
@@ -76,6 +77,13 @@ class Linear(Protocol):
     ) -> torch.Tensor: ...
 
 
+class SwiGluLinear(Protocol):
+    """linear(swiglu(gate_up), weight) for gate_up [N, 2I] and weight [H, I], no bias: the MLP's
+    down projection with its activation, so that a kernel may fuse the two."""
+
+    def __call__(self, gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor: ...
+
+
 class PagedAttention(Protocol):
     """Attention of q [N, Hq, D] over each sequence's paged KV (the new tokens already written)."""
 
@@ -116,6 +124,7 @@ class Kernels:
     rope_store_kv: RopeStoreKV
     swiglu: SwiGlu
     linear: Linear
+    swiglu_linear: SwiGluLinear
     prefill_attention: PagedAttention
     decode_attention: PagedAttention
     sample: Sample

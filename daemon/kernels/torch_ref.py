@@ -62,6 +62,10 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return F.linear(swiglu(gate_up), weight)
+
+
 def _gather_kv(cache: torch.Tensor, table: torch.Tensor, length: int) -> torch.Tensor:
     block_size = cache.shape[1]
     blocks = table[: (length + block_size - 1) // block_size]
@@ -139,6 +143,7 @@ REFERENCE = Kernels(
     rope_store_kv=rope_store_kv,
     swiglu=swiglu,
     linear=F.linear,
+    swiglu_linear=swiglu_linear,
     prefill_attention=paged_attention,
     decode_attention=paged_attention,
     sample=sample,

@@ -88,10 +88,13 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
         return (randn(TOKENS, t.num_heads, t.head_dim), randn(TOKENS, t.num_kv_heads, t.head_dim),
                 randn(TOKENS, t.num_kv_heads, t.head_dim), positions, table, k_cache,
                 torch.empty_like(k_cache), slots)
+    ffn = ffn_size or t.intermediate_size or 4 * t.hidden_size
     if op == "swiglu":
-        return (randn(TOKENS, 2 * (ffn_size or 4 * t.hidden_size)),)
+        return (randn(TOKENS, 2 * ffn),)
     if op == "linear":  # the o projection of a 32-token question: bound by reading the weight
         return randn(QUESTION_ROWS, t.num_heads * t.head_dim), randn(t.hidden_size, t.num_heads * t.head_dim)
+    if op == "swiglu_linear":  # the down projection of a 32-token question, likewise
+        return randn(QUESTION_ROWS, 2 * ffn), randn(t.hidden_size, ffn)
     if op == "sample":
         return _sample_workload(t, randn(SAMPLE_ROWS, t.vocab_size))
     decode = op == "decode_attention"

@@ -169,7 +169,7 @@ class LlamaDecoder(nn.Module):
                 x, residual = k.add_rms_norm(h, residual, layer.input_norm, c.rms_norm_eps)
             h = self._attention(layer, x, positions, meta, kv_cache[i])
             x, residual = k.add_rms_norm(h, residual, layer.post_norm, c.rms_norm_eps)
-            h = k.linear(k.swiglu(k.linear(x, layer.gate_up_weight)), layer.down_weight)
+            h = k.swiglu_linear(k.linear(x, layer.gate_up_weight), layer.down_weight)
         out, _ = k.add_rms_norm(h, residual, self.norm, c.rms_norm_eps)
         return out
 

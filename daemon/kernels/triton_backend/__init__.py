@@ -1,4 +1,5 @@
-"""Triton kernels of our own: paged prefill and split-K decode attention, norms, RoPE, SwiGLU.
+"""Triton kernels of our own: paged prefill and split-K decode attention, norms, RoPE, SwiGLU,
+and the skinny GEMM for the projections (SwiGLU fused into the down projection's).
 
 Importing this package never fails; ``candidates()`` raises BackendUnavailable when triton is
 missing. The kernels run on CUDA (compute capability 8.0+), or on CPU tensors under
@@ -115,4 +116,7 @@ def candidates() -> list[Candidate]:
         # up to 64 rows through the skinny GEMM; the split merge's counters are allocated on
         # the first (eager) call and left zeroed by every call, so graphs may capture it
         make("linear", "skinny_linear", skinny_gemm.linear),
+        # the down projection with SwiGLU fused into the skinny GEMM's x tiles (up to 16 rows;
+        # the swiglu kernel then linear's kernel beyond), graph-safe as linear is
+        make("swiglu_linear", "swiglu_linear", skinny_gemm.swiglu_linear_op),
     ]

@@ -12,14 +12,18 @@ import torch
 import triton
 import triton.language as tl
 
+from livelm.daemon.kernels.triton_backend import pdl
+from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, res_ptr, w_ptr, out_ptr, sum_ptr,
     inner, dim, eps,
     sx0, sx1, sr0, sr1,
-    BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+    BLOCK_D: tl.constexpr, HAS_RESIDUAL: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     i0 = row // inner
     i1 = row % inner
@@ -75,7 +79,7 @@ def _launch(
         inner, dim, eps,
         x3.stride(0), x3.stride(1), r3.stride(0), r3.stride(1),
         BLOCK_D=block, HAS_RESIDUAL=residual is not None,
-        num_warps=max(1, min(16, block // 256)),
+        num_warps=max(1, min(16, block // 256)), **pdl.launch_args(x.device),
     )
 
 

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from livelm.daemon.kernels.attention_meta import AttentionMeta
+from livelm.daemon.kernels.triton_backend import pdl
 from livelm.daemon.kernels.triton_backend.paged_decode import (
     LOG2E,
     check_caches,
@@ -31,6 +32,7 @@ from livelm.daemon.kernels.triton_backend.paged_decode import (
     split_slots,
     split_workspace,
 )
+from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
 SPLIT_PROGRAMS_PER_SM = 2
 MAX_ROWS = 128
@@ -99,8 +101,9 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -239,7 +242,7 @@ def paged_prefill_attention(
         GROUP=plan["group"], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=plan["warps"], num_stages=plan["stages"],
+        num_warps=plan["warps"], num_stages=plan["stages"], **pdl.launch_args(q.device),
     )
     if splits > 1:
         combine_splits(ws, splits, out)

@@ -12,6 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
+from livelm.daemon.kernels.triton_backend import pdl
+from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
+
 
 @triton.jit
 def _rotate(src, dst, token, dst_row, stride_n, stride_h, num_heads, cos, sin, cols, partner,
@@ -35,8 +38,9 @@ def _rope_kernel(
     num_q_heads, num_k_heads,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_cp, stride_cs,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_HQ: tl.constexpr,
-    BLOCK_HK: tl.constexpr, STORE: tl.constexpr,
+    BLOCK_HK: tl.constexpr, STORE: tl.constexpr, USE_PDL: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     token = tl.program_id(0).to(tl.int64)
     pos = tl.load(positions + token).to(tl.int64)
     half = HEAD_DIM // 2
@@ -122,5 +126,5 @@ def _launch(
         num_warps=max(1, min(8, block_hq * block_d // 1024)),
         # else LLVM narrows the fp32 math to bf16 and fuses a product into the add (an FMA),
         # skipping the rounding of that product that the reference does
-        enable_fp_fusion=False,
+        enable_fp_fusion=False, **pdl.launch_args(q.device),
     )

@@ -6,11 +6,15 @@ import torch
 import triton
 import triton.language as tl
 
+from livelm.daemon.kernels.triton_backend import pdl
+from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
+
 BLOCK = 1024
 
 
 @triton.jit
-def _swiglu_kernel(src, dst, inner, stride_row, BLOCK: tl.constexpr):
+def _swiglu_kernel(src, dst, inner, stride_row, BLOCK: tl.constexpr, USE_PDL: tl.constexpr):
+    wait_for_producer(USE_PDL)
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < inner
@@ -29,6 +33,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0 or inner == 0:
         return out
     _swiglu_kernel[(x.shape[0], triton.cdiv(inner, BLOCK))](
-        x, out, inner, x.stride(0), BLOCK=BLOCK, num_warps=4
+        x, out, inner, x.stride(0), BLOCK=BLOCK, num_warps=4, **pdl.launch_args(x.device)
     )
     return out
