@@ -37,13 +37,24 @@ class SamplingParams:
 def sampling_batch(
     params: list[SamplingParams], generators: list[torch.Generator | None], device: torch.device
 ) -> SamplingBatch:
+    floats = torch.tensor([[p.temperature for p in params], [p.top_p for p in params]],
+                          dtype=torch.float32)
+    top_k = torch.tensor([p.top_k for p in params], dtype=torch.int64)
+    floats, top_k = to_device_async(floats, device), to_device_async(top_k, device)
     return SamplingBatch(
-        temperature=torch.tensor(
-            [p.temperature for p in params], dtype=torch.float32, device=device
-        ),
-        top_p=torch.tensor([p.top_p for p in params], dtype=torch.float32, device=device),
-        top_k=torch.tensor([p.top_k for p in params], dtype=torch.int64, device=device),
+        temperature=floats[0],
+        top_p=floats[1],
+        top_k=top_k,
         generators=generators,
         all_greedy=all(p.greedy for p in params),
         filtered=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
     )
+
+
+def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``host`` on ``device`` without waiting for the device: a copy from pageable memory
+    would synchronise the stream, and a decode step launched ahead must not wait for the one
+    before it."""
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)

@@ -21,6 +21,7 @@ from livelm.daemon.engine.detok import TextTracker
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.prefix_branch import branch_session
 from livelm.daemon.engine.runner import ModelRunner, PendingStep, StepOutput
+from livelm.daemon.engine.sampling import to_device_async
 from livelm.daemon.engine.scheduler import Chunk, Scheduler
 from livelm.daemon.engine.sequence import ChoiceState, Phase, QueryState, SessionState
 from livelm.daemon.model.tokenizer import Tokenizer
@@ -337,7 +338,7 @@ class Worker(threading.Thread):
             return [], None
         if len(rows) == len(chunks):
             return ahead, pending.tokens
-        index = torch.tensor(rows, dtype=torch.int64).to(pending.tokens.device)
+        index = to_device_async(torch.tensor(rows, dtype=torch.int64), pending.tokens.device)
         return ahead, pending.tokens.index_select(0, index)
 
     def _launch_decode(self, chunks: list[Chunk], feed: torch.Tensor | None) -> PendingStep:
