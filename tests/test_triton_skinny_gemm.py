@@ -218,7 +218,8 @@ def test_linear_keeps_f_linear_contract_on_both_sides_of_the_row_limit() -> None
     assert torch.equal(sg.linear(x_short, w, bias), torch.nn.functional.linear(x_short, w, bias))
 
 
-def test_dispatcher_binds_the_skinny_gemm_first_on_cuda_and_cublas_on_the_cpu() -> None:
+def _binder(operation: str):
+    """Binds the tiny preset's kernels with only ``operation``'s Triton candidate left in."""
     from livelm.daemon.kernels.dispatcher import (
         BACKEND_SOURCES,
         ResolveOptions,
@@ -230,12 +231,17 @@ def test_dispatcher_binds_the_skinny_gemm_first_on_cuda_and_cublas_on_the_cpu() 
     from livelm.daemon.model.presets import preset_config
 
     target = target_for(preset_config("random:tiny"), DEVICE, torch.float32, 16)
-    others = {op: ("triton*",) for op in OPERATIONS if op != "linear"}  # check only linear
+    others = {op: ("triton*",) for op in OPERATIONS if op != operation}
     sources = tuple(s for s in BACKEND_SOURCES if s[0] in ("torch", "triton"))
 
     def bind(prefer: dict[str, tuple[str, ...]]):
         return resolve_kernels(target, Policy(deny=others, prefer=prefer), ResolveOptions(sources=sources))
 
+    return bind
+
+
+def test_dispatcher_binds_the_skinny_gemm_first_on_cuda_and_cublas_on_the_cpu() -> None:
+    bind = _binder("linear")
     default = bind({})
     if DEVICE.type == "cuda":
         assert default.kernels.linear is sg.linear
@@ -369,23 +375,7 @@ def test_swiglu_linear_op_fuses_up_to_the_row_limit_and_falls_back_beyond(
 
 
 def test_dispatcher_binds_the_fused_down_projection_when_preferred() -> None:
-    from livelm.daemon.kernels.dispatcher import (
-        BACKEND_SOURCES,
-        ResolveOptions,
-        resolve_kernels,
-        target_for,
-    )
-    from livelm.daemon.kernels.ops import OPERATIONS
-    from livelm.daemon.kernels.policy import Policy
-    from livelm.daemon.model.presets import preset_config
-
-    target = target_for(preset_config("random:tiny"), DEVICE, torch.float32, 16)
-    others = {op: ("triton*",) for op in OPERATIONS if op != "swiglu_linear"}
-    sources = tuple(s for s in BACKEND_SOURCES if s[0] in ("torch", "triton"))
-
-    def bind(prefer: dict[str, tuple[str, ...]]):
-        return resolve_kernels(target, Policy(deny=others, prefer=prefer), ResolveOptions(sources=sources))
-
+    bind = _binder("swiglu_linear")
     default = bind({})
     if DEVICE.type == "cuda":
         assert default.kernels.swiglu_linear is sg.swiglu_linear_op
