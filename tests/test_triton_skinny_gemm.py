@@ -72,11 +72,15 @@ CASES = [
 ]
 
 
+def _case_ids(cases: list) -> list[str]:
+    return [f"M{m}-N{n}-K{k}-bm{c.block_m}-bn{c.block_n}-bk{c.block_k}-s{c.split_k}-{c.combine}"
+            for m, n, k, c in cases]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("m", "n", "k", "config"), CASES,
-    ids=[f"M{m}-N{n}-K{k}-bm{c.block_m}-bn{c.block_n}-bk{c.block_k}-s{c.split_k}-{c.combine}"
-         for m, n, k, c in CASES],
+    ids=_case_ids(CASES),
 )
 def test_matches_reference(m: int, n: int, k: int, config: object, dtype: torch.dtype) -> None:
     x, w = _inputs(m, n, k, dtype)
@@ -291,8 +295,7 @@ FUSED_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize(
     ("m", "n", "k", "config"), FUSED_CASES,
-    ids=[f"M{m}-N{n}-K{k}-bm{c.block_m}-bn{c.block_n}-bk{c.block_k}-s{c.split_k}-{c.combine}"
-         for m, n, k, c in FUSED_CASES],
+    ids=_case_ids(FUSED_CASES),
 )
 def test_swiglu_linear_matches_reference(m: int, n: int, k: int, config: object,
                                          dtype: torch.dtype) -> None:

@@ -273,6 +273,8 @@ class Worker(threading.Thread):
         that ends meanwhile (a stop token or string, a cancel) wastes one row of the step in
         flight, whose result for it is dropped."""
         try:
+            for ch in chunks:
+                self.kv.prepare_write(ch.seq, ch.start, ch.start + 1)
             pending = self._launch_decode(chunks, None)
         except STEP_ERRORS:
             self._step(chunks)  # again the ordinary way, which fails what must fail
@@ -342,8 +344,7 @@ class Worker(threading.Thread):
         return ahead, pending.tokens.index_select(0, index)
 
     def _launch_decode(self, chunks: list[Chunk], feed: torch.Tensor | None) -> PendingStep:
-        for ch in chunks:
-            self.kv.prepare_write(ch.seq, ch.start, ch.start + 1)
+        """Launches a decode step whose positions are already writable (``prepare_write``)."""
         queries = [ch.seq for ch in chunks]
         return self.runner.launch_decode(
             chunks,

@@ -131,10 +131,7 @@ def default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
     block_n = min(64, max(16, triton.next_power_of_2(max(n, 1))))
     block_k = min(128 if dtype_bytes <= 2 else 64, max(16, triton.next_power_of_2(max(k, 1))))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(max(m, 1), block_m)
-    split = 1
-    while (tiles * split < num_sms and k % (2 * split * block_k) == 0
-           and k // (2 * split) >= 4 * block_k):
-        split *= 2
+    split = _split_count(tiles, k, block_k, num_sms)
     return SkinnyConfig(block_m, block_n, block_k, split, num_warps=4,
                         num_stages=4 if block_m <= 32 else 3, combine="semaphore")
 
@@ -150,13 +147,22 @@ def swiglu_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
     if m > 1:
         return config
     block_n, block_k = 32, 256 if dtype_bytes <= 2 else 128
-    tiles = triton.cdiv(n, block_n)
-    split = 1
-    while (tiles * split < 2 * num_sms and k % (2 * split * block_k) == 0
-           and k // (2 * split) >= 4 * block_k):
-        split *= 2
+    split = _split_count(triton.cdiv(n, block_n), k, block_k, 2 * num_sms)
     return replace(config, block_m=1, block_n=block_n, block_k=block_k, split_k=split,
                    num_stages=3)
+
+
+def _split_count(tiles: int, k: int, block_k: int, programs: int) -> int:
+    """K splits, doubled while ``tiles`` x splits stays under ``programs`` and each split
+    keeps whole BLOCK_K steps, at least four of them."""
+    split = 1
+    while tiles * split < programs and k % (2 * split * block_k) == 0 and k // (2 * split) >= 4 * block_k:
+        split *= 2
+    return split
+
+
+def _default_for(swiglu: bool):
+    return swiglu_default_config if swiglu else default_config
 
 
 # ---- kernel ------------------------------------------------------------------------------------
@@ -418,8 +424,7 @@ def precompile(m: int, n: int, k: int, dtype: torch.dtype,
     if is_interpreted() or 0 in (m, n, k):
         return
     itemsize = torch.finfo(dtype).bits // 8
-    pick = swiglu_default_config if swiglu else default_config
-    config = config or pick(m, n, k, sm_count(torch.device("cuda")), itemsize)
+    config = config or _default_for(swiglu)(m, n, k, sm_count(torch.device("cuda")), itemsize)
     plan = _plan(m, n, k, dtype, config, swiglu)
     ws = torch.float32 if plan.combine != _STORE else dtype
     locks = torch.int32 if plan.combine == _SEMAPHORE else dtype
@@ -452,8 +457,7 @@ def _gemm(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig | None,
           swiglu: bool) -> torch.Tensor:
     m, (n, k) = x.shape[0], weight.shape
     if config is None:
-        pick = swiglu_default_config if swiglu else default_config
-        config = pick(m, n, k, sm_count(x.device), x.element_size())
+        config = _default_for(swiglu)(m, n, k, sm_count(x.device), x.element_size())
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if m == 0 or n == 0:
         return out
