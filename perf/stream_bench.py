@@ -151,7 +151,8 @@ async def engine_run(model: LoadedModel, config: Config, args: argparse.Namespac
             lat = await bench.push_to_queryable(sid, args.push_samples)
             out["push_to_queryable_ms"] = {"median": statistics.median(lat), "p99": pct(lat, 0.99)}
             await engine.close_session(sid)
-            out["many_sessions"] = await many_sessions(bench, args)
+            if args.sessions:
+                out["many_sessions"] = await many_sessions(bench, args)
     finally:
         await engine.stop(5.0)
     return out
