@@ -27,6 +27,8 @@ from livelm.daemon.engine.runner import ModelRunner  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 from livelm.protocol.messages import GenerateRequest  # noqa: E402
 
+NOTICE = "Synchronization debug mode is a prototype"  # torch's note on entering the mode: no sync
+
 
 def watch_launches(found: list[str]) -> None:
     original = ModelRunner.launch_decode
@@ -40,7 +42,8 @@ def watch_launches(found: list[str]) -> None:
                 return original(self, *args, **kwargs)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-                found.extend(str(w.message).splitlines()[0] for w in caught)
+                found.extend(str(w.message).splitlines()[0] for w in caught
+                             if not str(w.message).startswith(NOTICE))
 
     ModelRunner.launch_decode = watched  # type: ignore[method-assign]
 

@@ -166,7 +166,7 @@ def test_bad_config_raises_value_error(field: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize(("n", "k", "split"), [
-    (4096, 4096, 2), (6144, 4096, 1), (4096, 14336, 2), (28672, 4096, 1),  # o, qkv, down, gate_up
+    (4096, 4096, 4), (6144, 4096, 2), (4096, 14336, 4), (28672, 4096, 1),  # o, qkv, down, gate_up
 ])
 def test_default_config_on_h200_shapes(n: int, k: int, split: int) -> None:
     for m, block_m in [(1, 16), (8, 16), (32, 32), (48, 64), (64, 64)]:
@@ -174,7 +174,7 @@ def test_default_config_on_h200_shapes(n: int, k: int, split: int) -> None:
         assert (c.block_m, c.split_k, c.combine) == (block_m, split, "semaphore"), (m, c)
         assert k % (c.block_k * c.split_k) == 0  # whole tiles: no K masks
         assert c.num_stages * (c.block_n + c.block_m) * c.block_k * 2 <= 200 * 1024  # smem
-        assert -(-n // c.block_n) * c.split_k * 2 > 132  # one more split would overflow a wave
+        assert -(-n // c.block_n) * c.split_k >= 132 or c.split_k == 1  # a program per SM
     assert sg.default_config(200, n, k, num_sms=132).block_m == 64  # more rows: M tiles
 
 

@@ -120,23 +120,20 @@ class SkinnyConfig:
 
 def default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
                    dtype_bytes: int = 2) -> SkinnyConfig:
-    """The H200 sweep's rule (perf/skinny_gemm_bench.py, results/*-skinny-gemm-754c94a.json).
+    """A reasoned (not yet measured) starting point for an H200-class GPU.
 
-    16-bit: 64 x 128 weight tiles five stages deep. K is split (in powers of two, into whole
-    tiles of at least four steps each) while the doubled grid still fits in one wave of
-    programs: o-proj 64 N tiles x 2 splits, qkv 96 x 1, down 64 x 2, gate_up 448 x 1. That
-    was the best split for every Llama-3.1-8B projection from 16 to 64 rows; splitting until
-    there was a program per SM (the previous rule) cost 3-13%, e.g. 17.4 against 15.6 µs for
-    the qkv projection at M = 32.
+    16-bit: 64 x 128 weight tiles (16 KiB per stage) four stages deep keep about 64 KiB of the
+    weight in flight per program. K is split (in powers of two, into whole tiles of at least
+    four steps each) until there is a program per SM, and the semaphore combine keeps that one
+    launch: o-proj 64 N tiles x 4 splits, qkv 96 x 2, down 64 x 4, gate_up 448 x 1.
     """
     block_m = min(64, max(16, triton.next_power_of_2(max(m, 1))))
     block_n = min(64, max(16, triton.next_power_of_2(max(n, 1))))
     block_k = min(128 if dtype_bytes <= 2 else 64, max(16, triton.next_power_of_2(max(k, 1))))
     tiles = triton.cdiv(n, block_n) * triton.cdiv(max(m, 1), block_m)
     split = _split_count(tiles, k, block_k, num_sms)
-    stages = 5 if dtype_bytes <= 2 else (4 if block_m <= 32 else 3)  # 5 x 32 KiB fits 228 KiB
-    return SkinnyConfig(block_m, block_n, block_k, split, num_warps=4, num_stages=stages,
-                        combine="semaphore")
+    return SkinnyConfig(block_m, block_n, block_k, split, num_warps=4,
+                        num_stages=4 if block_m <= 32 else 3, combine="semaphore")
 
 
 def swiglu_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
@@ -145,22 +142,21 @@ def swiglu_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
     path, so its activation is computed for that row alone rather than for 16 padded rows
     (H200, the down projection at M = 1: 30.4-31.2 µs with m1 n32 k256 s4 against 31.4 µs with
     the default dot tiles; at M = 2 the CUDA-core path lost, 41.3 µs against 32.3 µs). Splits as
-    ``default_config`` does, up to four programs per SM."""
+    ``default_config`` does, until there are two programs per SM."""
     config = default_config(m, n, k, num_sms, dtype_bytes)
     if m > 1:
         return config
     block_n, block_k = 32, 256 if dtype_bytes <= 2 else 128
-    split = _split_count(triton.cdiv(n, block_n), k, block_k, 4 * num_sms)
+    split = _split_count(triton.cdiv(n, block_n), k, block_k, 2 * num_sms)
     return replace(config, block_m=1, block_n=block_n, block_k=block_k, split_k=split,
                    num_stages=3)
 
 
 def _split_count(tiles: int, k: int, block_k: int, programs: int) -> int:
-    """K splits, doubled while ``tiles`` x the doubled split count is at most ``programs`` and
-    each split keeps whole BLOCK_K steps, at least four of them."""
+    """K splits, doubled while ``tiles`` x splits stays under ``programs`` and each split
+    keeps whole BLOCK_K steps, at least four of them."""
     split = 1
-    while (tiles * 2 * split <= programs and k % (2 * split * block_k) == 0
-           and k // (2 * split) >= 4 * block_k):
+    while tiles * split < programs and k % (2 * split * block_k) == 0 and k // (2 * split) >= 4 * block_k:
         split *= 2
     return split
 
