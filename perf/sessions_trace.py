@@ -1,0 +1,141 @@
+"""A timeline of the worker while many sessions ask at once (stream_bench's 64-session round).
+
+Wraps the worker's step methods with timers (this script only; the engine is unchanged) and
+prints, relative to the moment the questions are issued: when each command reached the worker,
+every step with its kind (question prefill, decode, decode run ahead, data), rows and duration,
+and when each first token arrived. It shows whether the questions prefill in one step, how
+long forking takes, and where the round's wall time goes beyond the GPU's steps.
+
+    python perf/sessions_trace.py --sessions 64 --session-context 4096 [--out FILE.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import functools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from stream_bench import Bench  # noqa: E402
+
+from livelm.daemon.config import Config  # noqa: E402
+from livelm.daemon.engine.engine import Engine  # noqa: E402
+from livelm.daemon.engine.worker import Worker  # noqa: E402
+from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
+
+EVENTS: list[dict[str, Any]] = []
+
+
+def _timed(name: str, rows_arg: int | None = None) -> None:
+    original = getattr(Worker, name)
+
+    @functools.wraps(original)
+    def timed(self: Worker, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            rows = len(args[rows_arg]) if rows_arg is not None else None
+            kind = name
+            if rows_arg is not None and name == "_step":
+                kind = "question" if any(ch.length > 1 for ch in args[0]) else "step"
+            EVENTS.append({"what": kind, "start": start, "end": time.perf_counter(),
+                           "rows": rows})
+
+    setattr(Worker, name, timed)
+
+
+def instrument() -> None:
+    _timed("_step", 0)
+    _timed("_launch_decode", 0)
+    _timed("_fork")
+    _timed("_take_commands")
+    _timed("_flush")
+
+
+async def round_trace(bench: Bench, sids: list[str], answer: int) -> dict[str, Any]:
+    EVENTS.clear()
+    start = time.perf_counter()
+    results = await asyncio.gather(*(bench.ask(sid, answer) for sid in sids))
+    wall = time.perf_counter() - start
+    firsts = sorted(r[0] for r in results)
+    events = [{**e, "start": (e["start"] - start) * 1e3, "end": (e["end"] - start) * 1e3}
+              for e in EVENTS]
+    return {"wall_ms": wall * 1e3, "tokens": sum(r[2] for r in results),
+            "first_token_ms": firsts, "events": events}
+
+
+def summarize(trace: dict[str, Any]) -> None:
+    events = trace["events"]
+    print(f"round: {trace['wall_ms']:.1f} ms, {trace['tokens']} tokens "
+          f"({trace['tokens'] / trace['wall_ms'] * 1e3:.0f} tok/s); first tokens "
+          f"{trace['first_token_ms'][0]:.1f} .. median "
+          f"{statistics.median(trace['first_token_ms']):.1f} .. {trace['first_token_ms'][-1]:.1f} ms")
+    by_kind: dict[str, list[dict[str, Any]]] = {}
+    for e in events:
+        by_kind.setdefault(e["what"], []).append(e)
+    for kind, es in sorted(by_kind.items()):
+        total = sum(e["end"] - e["start"] for e in es)
+        rows = [e["rows"] for e in es if e["rows"] is not None]
+        print(f"  {kind:15s} x{len(es):4d}  total {total:8.1f} ms  first at {es[0]['start']:7.1f}"
+              f"  last ends {es[-1]['end']:7.1f}" + (f"  rows {rows[:12]}" if rows else ""))
+    steps = [e for e in events if e["what"] in ("question", "step", "_launch_decode")]
+    print("  first 16 steps (start, duration ms, kind, rows):")
+    for e in steps[:16]:
+        print(f"    {e['start']:8.2f} {e['end'] - e['start']:7.2f}  {e['what']:15s} {e['rows']}")
+
+
+async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
+    engine = Engine(model, config, asyncio.get_running_loop())
+    engine.start()
+    bench = Bench(engine)
+    try:
+        sids = [await bench.open(f"Session {i} watches a market feed.")
+                for i in range(args.sessions)]
+        for sid in sids:
+            await bench.fill(sid, args.session_context, batch=128)
+        traces = []
+        for i in range(args.rounds + 1):  # the first round warms up
+            trace = await round_trace(bench, sids, args.answer)
+            if i:
+                summarize(trace)
+                traces.append(trace)
+        return traces
+    finally:
+        await engine.stop(5.0)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", default="random:llama-3.1-8b")
+    p.add_argument("--sessions", type=int, default=64)
+    p.add_argument("--session-context", type=int, default=4096)
+    p.add_argument("--answer", type=int, default=32)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
+    p.add_argument("--out", default="")
+    args = p.parse_args()
+    cuda = torch.cuda.is_available()
+    config = Config(model=args.model, device="cuda" if cuda else "cpu",
+                    dtype="bfloat16" if cuda else "float32", kv_cache_tokens=360_000,
+                    kernel_policy=args.kernel_policy if cuda else "")
+    _, model = bind_and_load(config, progress=False)
+    model = dataclasses.replace(model, eos_ids=frozenset())  # always generate the asked tokens
+    instrument()
+    traces = asyncio.run(run(config, model, args))
+    if args.out:
+        Path(args.out).write_text(json.dumps(traces))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
