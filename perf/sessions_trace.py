@@ -29,6 +29,7 @@ from stream_bench import Bench  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
+from livelm.daemon.engine.runner import ModelRunner, PendingStep  # noqa: E402
 from livelm.daemon.engine.worker import Worker  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 
@@ -54,7 +55,40 @@ def _timed(name: str, rows_arg: int | None = None) -> None:
     setattr(Worker, name, timed)
 
 
+def _gpu_timed_decodes() -> None:
+    """Each decode step launched gets CUDA events around it; its collect records how long the
+    host waited for it and how long the GPU spent on it."""
+    launch, collect = ModelRunner.launch_decode, PendingStep.collect
+    marks: dict[int, tuple[torch.cuda.Event, torch.cuda.Event]] = {}
+
+    @functools.wraps(launch)
+    def launch_timed(self: ModelRunner, *args: Any, **kwargs: Any) -> PendingStep:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        pending = launch(self, *args, **kwargs)
+        end.record()
+        marks[id(pending)] = (begin, end)
+        return pending
+
+    @functools.wraps(collect)
+    def collect_timed(self: PendingStep) -> Any:
+        start = time.perf_counter()
+        try:
+            return collect(self)
+        finally:
+            done = time.perf_counter()
+            begin, end = marks.pop(id(self))
+            EVENTS.append({"what": "collect", "start": start, "end": done, "rows": None,
+                           "gpu_ms": begin.elapsed_time(end)})
+
+    ModelRunner.launch_decode = launch_timed  # type: ignore[method-assign]
+    PendingStep.collect = collect_timed  # type: ignore[method-assign]
+
+
 def instrument() -> None:
+    if torch.cuda.is_available():
+        _gpu_timed_decodes()
+    _timed("_apply_step", 0)
     _timed("_step", 0)
     _timed("_launch_decode", 0)
     _timed("_fork")
@@ -88,10 +122,17 @@ def summarize(trace: dict[str, Any]) -> None:
         rows = [e["rows"] for e in es if e["rows"] is not None]
         print(f"  {kind:15s} x{len(es):4d}  total {total:8.1f} ms  first at {es[0]['start']:7.1f}"
               f"  last ends {es[-1]['end']:7.1f}" + (f"  rows {rows[:12]}" if rows else ""))
-    steps = [e for e in events if e["what"] in ("question", "step", "_launch_decode")]
-    print("  first 16 steps (start, duration ms, kind, rows):")
-    for e in steps[:16]:
-        print(f"    {e['start']:8.2f} {e['end'] - e['start']:7.2f}  {e['what']:15s} {e['rows']}")
+    gpu = [e["gpu_ms"] for e in events if "gpu_ms" in e]
+    if gpu:
+        print(f"  decode steps on the GPU: median {statistics.median(gpu):.2f} ms "
+              f"(min {min(gpu):.2f}, max {max(gpu):.2f})")
+    steps = [e for e in sorted(events, key=lambda e: e["start"]) if e["what"] in (
+        "question", "step", "_launch_decode", "collect",
+                                               "_apply_step")]
+    print("  first 24 events (start, duration ms, kind, rows, GPU ms):")
+    for e in steps[:24]:
+        print(f"    {e['start']:8.2f} {e['end'] - e['start']:7.2f}  {e['what']:15s} {e['rows']}"
+              f" {e.get('gpu_ms', '')}")
 
 
 async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
