@@ -30,6 +30,7 @@ from stream_bench import Bench  # noqa: E402
 from livelm.daemon.config import Config  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
 from livelm.daemon.engine.runner import ModelRunner, PendingStep  # noqa: E402
+from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.worker import Worker  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 
@@ -135,6 +136,61 @@ def summarize(trace: dict[str, Any]) -> None:
               f" {e.get('gpu_ms', '')}")
 
 
+def kernel_totals(prof: Any, steps: int) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for event in prof.events():
+        if event.device_type.name == "CUDA":
+            totals[event.name[:70]] = totals.get(event.name[:70], 0.0) + event.device_time / 1e3
+    return {k: v / steps for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
+
+
+def replay_sessions(engine: Engine, sids: list[str]) -> dict[str, Any]:
+    """The engine's own decode graph replayed for its sessions (each rewrites its last token's
+    KV, the same values), back to back: the GPU time of the step without the engine around it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    worker = engine.worker
+    seqs = [worker.sessions[engine.sessions[sid].slot] for sid in sids]
+    chunks = [Chunk(s, s.num_computed - 1, 1, True) for s in seqs]
+    graphs = worker.runner.graphs
+    shape = graphs.shape_for(chunks)
+    times = []
+    with torch.inference_mode():
+        graphs.run(chunks, shape)
+        marks = []
+        for _ in range(20):
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            graphs.run(chunks, shape)
+            end.record()
+            marks.append((begin, end))
+        torch.cuda.synchronize()
+        times = [b.elapsed_time(e) for b, e in marks]
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                graphs.run(chunks, shape)
+            torch.cuda.synchronize()
+    out = {"shape": shape, "replay_ms": statistics.median(times[2:]),
+           "kernels": kernel_totals(prof, 5)}
+    print(f"the engine's graph {shape} replayed back to back: {out['replay_ms']:.2f} ms per step")
+    return out
+
+
+async def profiled_round(bench: Bench, sids: list[str], answer: int) -> dict[str, float]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        await asyncio.gather(*(bench.ask(sid, answer) for sid in sids))
+        torch.cuda.synchronize()
+    return kernel_totals(prof, answer - 1)  # per decode step (the prefill's kernels included)
+
+
+def print_kernels(replay: dict[str, float], round_: dict[str, float]) -> None:
+    print("  kernel ms per decode step: replayed graph | in the round (/ decode steps)")
+    for name in list(dict.fromkeys([*replay, *round_]))[:22]:
+        print(f"    {replay.get(name, 0.0):7.3f} | {round_.get(name, 0.0):7.3f}  {name}")
+
+
 async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict[str, Any]]:
     engine = Engine(model, config, asyncio.get_running_loop())
     engine.start()
@@ -150,6 +206,11 @@ async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict
             if i:
                 summarize(trace)
                 traces.append(trace)
+        if torch.cuda.is_available():
+            replay = replay_sessions(engine, sids)
+            round_ = await profiled_round(bench, sids, args.answer)
+            print_kernels(replay["kernels"], round_)
+            traces.append({"replay": replay, "round_kernels": round_})
         return traces
     finally:
         await engine.stop(5.0)
