@@ -48,3 +48,27 @@ def test_cuda_session_matches_transformers_and_cpu(folder: Path, tmp_path: Path)
         assert ((gpu_logits - ref).norm() / ref.norm()).item() < 1e-4
         assert gpu.tokens == cpu.tokens
         assert gpu.tokens == hf_greedy(folder, ids, 6)[: len(gpu.tokens)]
+
+
+def test_cuda_concurrent_sessions_decode_as_on_the_cpu(tmp_path: Path) -> None:
+    """Sessions of different lengths answering at once: a multi-sequence decode graph, whose
+    block tables are narrower than the graph's (packed before their copy), and one batch of
+    fork copies for the questions that arrive together."""
+    import asyncio
+
+    folder = make_tiny_checkpoint(tmp_path / "model", "llama")
+
+    async def scenario(engine: Engine):
+        sids = []
+        for n in (3, 9, 17, 30, 5):
+            sid = (await engine.init_session(InitRequest(prompt=PROMPT, template="raw"))).session_id
+            await engine.push(sid, [f"px {i} {100 + 7 * i + n}" for i in range(n)])
+            sids.append(sid)
+        handles = [engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=12))
+                   for sid in sids]
+        return [done.tokens for done in await asyncio.gather(*(h.result() for h in handles))]
+
+    on_gpu = run_engine(loaded(folder, tmp_path, device="cuda"), scenario, max_batch_tokens=512)
+    on_cpu = run_engine(loaded(folder, tmp_path, device="cpu"), scenario, max_batch_tokens=512)
+    assert on_gpu == on_cpu
+    assert all(len(tokens) > 0 for tokens in on_gpu)

@@ -48,6 +48,8 @@ class StepGraphs:
             "ctx": torch.ones(seqs, dtype=torch.int32).pin_memory(),
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32).pin_memory(),
         }
+        self._packed_host = torch.zeros(seqs * self.width, dtype=torch.int32).pin_memory()
+        self._packed_dev = torch.zeros(seqs * self.width, dtype=torch.int32, device=dev)
         self._staging = StepStaging(
             StagingArrays(**{k: v.numpy() for k, v in self._host.items()}), cache.block_size
         )
@@ -94,12 +96,26 @@ class StepGraphs:
         if feed is not None:
             self._dev["ids"][: len(chunks)].copy_(feed)
         self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
-        tables, staged = self._dev["tables"], self._host["tables"]
-        tables[:seqs, :width].copy_(staged[:seqs, :width], non_blocking=True)
+        self._copy_tables(seqs, width)
         self._copied.record()
         graph, logits = self._graphs[shape]
         graph.replay()
         return logits[: len(chunks)]
+
+    def _copy_tables(self, seqs: int, width: int) -> None:
+        """The staged block tables' first ``width`` columns to the device. Several rows cut
+        narrower than the buffer are not contiguous, and torch would copy such a slice
+        through pageable memory; so they are packed into a pinned buffer on the host first,
+        and spread to the table's stride by a device copy."""
+        tables, staged = self._dev["tables"], self._host["tables"]
+        if seqs == 1 or width == self.width:
+            tables[:seqs, :width].copy_(staged[:seqs, :width], non_blocking=True)
+            return
+        cells = seqs * width
+        packed = self._packed_host[:cells]
+        packed.view(seqs, width).copy_(staged[:seqs, :width])
+        self._packed_dev[:cells].copy_(packed, non_blocking=True)
+        tables[:seqs, :width].copy_(self._packed_dev[:cells].view(seqs, width))
 
     def _forward(self, seqs: int, per_seq: int) -> torch.Tensor:
         d, rows = self._dev, seqs * per_seq

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from livelm.daemon.engine.transfer import to_device_async
 from livelm.daemon.model.config import ModelConfig
 
 CPU_KV_BUDGET_BYTES = 1 << 30
@@ -51,3 +52,14 @@ class KVCache:
 
     def copy_block(self, src: int, dst: int) -> None:
         self.storage[:, :, dst].copy_(self.storage[:, :, src])
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Block copies (source, destination) for every layer in two launches, a gather and a
+        scatter, whatever their number (the forks of many questions arriving at once).
+        Destinations must be distinct and none may be a source."""
+        if len(pairs) == 1:
+            self.copy_block(*pairs[0])
+        elif pairs:
+            index = to_device_async(torch.tensor(pairs, dtype=torch.int64).T.contiguous(),
+                                    self.storage.device)
+            self.storage.index_copy_(2, index[1], self.storage.index_select(2, index[0]))

@@ -5,6 +5,9 @@ This is the only writer of a sequence's ``block_table``; each change bumps its
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from livelm.daemon.engine.block_pool import BlockPool
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.sequence import Sequence
@@ -15,6 +18,18 @@ class KVManager:
         self.pool = pool
         self.cache = cache
         self.block_size = cache.block_size
+        self._deferred: list[tuple[int, int]] | None = None  # fork copies held for one batch
+
+    @contextmanager
+    def batched_copies(self) -> Iterator[None]:
+        """The partial-block copies of the forks made inside run together on leaving (two
+        launches for any number of forks), before any step can read those blocks."""
+        self._deferred = []
+        try:
+            yield
+        finally:
+            pairs, self._deferred = self._deferred, None
+            self.cache.copy_blocks(pairs)
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
@@ -38,7 +53,10 @@ class KVManager:
         table = list(shared)
         if length % self.block_size:
             (copy,) = self.pool.allocate(1)
-            self.cache.copy_block(source.block_table[full], copy)
+            if self._deferred is None:
+                self.cache.copy_block(source.block_table[full], copy)
+            else:
+                self._deferred.append((source.block_table[full], copy))
             table.append(copy)
         into.block_table = table
         into.table_version += 1

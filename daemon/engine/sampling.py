@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from livelm.daemon.engine.transfer import to_device_async
 from livelm.daemon.kernels.ops import SamplingBatch
 
 
@@ -49,12 +50,3 @@ def sampling_batch(
         all_greedy=all(p.greedy for p in params),
         filtered=any(not p.greedy and (p.top_k > 0 or p.top_p < 1.0) for p in params),
     )
-
-
-def to_device_async(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``host`` on ``device`` without waiting for the device: a copy from pageable memory
-    would synchronise the stream, and a decode step launched ahead must not wait for the one
-    before it."""
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)

@@ -21,9 +21,9 @@ from livelm.daemon.engine.detok import TextTracker
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.prefix_branch import branch_session
 from livelm.daemon.engine.runner import ModelRunner, PendingStep, StepOutput
-from livelm.daemon.engine.sampling import to_device_async
 from livelm.daemon.engine.scheduler import Chunk, Scheduler
 from livelm.daemon.engine.sequence import ChoiceState, Phase, QueryState, SessionState
+from livelm.daemon.engine.transfer import to_device_async
 from livelm.daemon.model.tokenizer import Tokenizer
 from livelm.native.ring import Ring
 from livelm.protocol.errors import InternalError, LiveLMError, UnknownSession
@@ -197,16 +197,17 @@ class Worker(threading.Thread):
 
     def _start_queries(self) -> None:
         # a query's OPEN record precedes it in the ring, so a missing session was closed
-        for q in list(self.queries.values()):
-            if q.phase is not Phase.WAITING:
-                continue
-            session = self.sessions.get(q.slot)
-            if session is None:
-                self._fail(q, UnknownSession("the session was closed"))
-            elif session.error is not None:
-                self._fail(q, _session_failed(session.error))
-            elif session.caught_up(q.target_seq):
-                self._fork(q, session)
+        with self.kv.batched_copies():
+            for q in list(self.queries.values()):
+                if q.phase is not Phase.WAITING:
+                    continue
+                session = self.sessions.get(q.slot)
+                if session is None:
+                    self._fail(q, UnknownSession("the session was closed"))
+                elif session.error is not None:
+                    self._fail(q, _session_failed(session.error))
+                elif session.caught_up(q.target_seq):
+                    self._fork(q, session)
 
     def _fork(self, q: QueryState, session: SessionState) -> None:
         limit = self.max_context - len(q.question) - q.params.max_tokens

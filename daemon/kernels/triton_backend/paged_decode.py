@@ -39,11 +39,14 @@ PROGRAMS_PER_SM = 4  # memory-bound: several resident programs keep more loads i
 
 
 @triton.jit
-def mma(a, b, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """a @ b with fp32 accumulation; UPCAST works around the interpreter's bf16 dot."""
+def mma(a, b, acc, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc + a @ b in fp32 (acc None: a @ b); UPCAST works around the interpreter's bf16 dot.
+
+    Accumulating into acc inside the dot, rather than adding a fresh product to it, keeps one
+    [rows, head_dim] fp32 tile live instead of two, so a 128-row tile does not spill."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -73,14 +76,14 @@ def _attend_split(q, k_cache, v_cache, table, start, end, kv_head, scale_log2,
         page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
         kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
-        s = mma(q, k, UPCAST, PRECISION) * scale_log2
+        s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 

@@ -75,7 +75,7 @@ def _attend_tiles(
         else:
             k = tl.load(k_cache + kv_off[None, :] + dims[:, None])
             v = tl.load(v_cache + kv_off[:, None] + dims[None, :])
-        s = mma(q, k, UPCAST, PRECISION) * scale_log2
+        s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
         if MASKED:
             ok = (keys[None, :] <= q_pos[:, None]) & key_ok[None, :]
             if HAS_WINDOW:
@@ -88,7 +88,7 @@ def _attend_tiles(
         p = tl.exp2(s - m_ref[:, None])
         alpha = tl.exp2(m_i - m_ref)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, UPCAST, PRECISION)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
