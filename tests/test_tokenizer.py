@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from livelm.daemon.model.tokenizer import ChatTemplateError, Tokenizer
+from livelm.daemon.model.tokenizer import TEXT_CACHE_MAX_CHARS, ChatTemplateError, Tokenizer
 from livelm.protocol.errors import ModelLoadError
 from tests.tiny_models import CHATML_TOKENS, LLAMA3_TOKENS, train_test_tokenizer
 
@@ -148,6 +148,20 @@ def test_encode_matches_transformers_on_any_text(
     text = "".join(pieces)
     for style in STYLES:
         assert ours[style].encode(text) == hf[style].encode(text, add_special_tokens=False)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_remembered_text_encodes_the_same_into_a_fresh_list(
+    ours: dict[str, Tokenizer], hf: dict[str, Any], style: str
+) -> None:
+    tok = ours[style]
+    text = "Is the trend up? Last close " + style
+    first = tok.encode(text)
+    first.append(-1)  # a caller extends its ids (a question suffix): the next call is unchanged
+    again = tok.encode(text)
+    assert again == hf[style].encode(text, add_special_tokens=False) == first[:-1]
+    long = "price 101.25 volume 3000 " * (TEXT_CACHE_MAX_CHARS // 10)  # past the cached length
+    assert tok.encode(long) == hf[style].encode(long, add_special_tokens=False)
 
 
 @pytest.mark.parametrize("style", STYLES)

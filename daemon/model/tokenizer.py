@@ -7,6 +7,7 @@ session matches what the model saw in training.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from collections.abc import Sequence
@@ -25,6 +26,10 @@ from livelm.protocol.errors import InvalidRequest, ModelLoadError
 
 log = logging.getLogger("livelm.tokenizer")
 PIECE_CACHE_MAX_BATCH = 64  # larger batches go to the native batch encoder
+# questions repeat (flash queries after every batch, dashboards polling the same text): their
+# tokens are kept, which halves ``generate``'s host cost (about 60 of 120 µs per call)
+TEXT_CACHE_ENTRIES = 1024
+TEXT_CACHE_MAX_CHARS = 2048
 
 # Named special tokens a template may read, as transformers passes them.
 _SPECIAL_TOKEN_NAMES = (
@@ -54,6 +59,7 @@ class Tokenizer:
         special_tokens: dict[str, str] | None = None,
     ) -> None:
         self._tok = backend
+        self._encode_cached = functools.lru_cache(maxsize=TEXT_CACHE_ENTRIES)(self._encode_tuple)
         self.special_tokens = dict(special_tokens or {})
         self.chat_template = chat_template
         self._template = _compile(chat_template) if chat_template is not None else None
@@ -80,8 +86,14 @@ class Tokenizer:
 
     # ---- tokens ------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        """Token ids of ``text``; special tokens written in it are recognized, none are added."""
+        """Token ids of ``text``; special tokens written in it are recognized, none are added.
+        Short texts are remembered (a fresh list each call, so callers may change it)."""
+        if len(text) <= TEXT_CACHE_MAX_CHARS:
+            return list(self._encode_cached(text))
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def _encode_tuple(self, text: str) -> tuple[int, ...]:
+        return tuple(self._tok.encode(text, add_special_tokens=False).ids)
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         """Token ids of each text, as ``encode`` gives them: through the piece cache (if on)
