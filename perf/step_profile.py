@@ -10,6 +10,7 @@ import argparse
 import json
 import statistics
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -42,16 +43,28 @@ def replay_ms(graphs: StepGraphs, chunk: Chunk | None, shape: tuple[int, int], r
 
 
 def kernel_breakdown(
-    graphs: StepGraphs, chunk: Chunk, shape: tuple[int, int], repeat: int = 5
+    graphs: StepGraphs, chunks: list[Chunk], shape: tuple[int, int], repeat: int = 5
 ) -> list[dict]:
-    """GPU time per kernel name over ``repeat`` replays (torch.profiler sees inside graphs)."""
+    """GPU time per kernel name over ``repeat`` replays (torch.profiler sees inside graphs).
+    With PDL on, a kernel's time includes its wait for the one before: use --no-pdl here."""
+    return profiled(lambda: graphs.run(chunks, shape), repeat)
+
+
+def eager_breakdown(decoder, cache: KVCache, chunks: list[Chunk], repeat: int = 3) -> list[dict]:
+    """``kernel_breakdown`` of an eager step."""
+    batch = build_batch(chunks, cache.block_size, decoder.device)
+    return profiled(lambda: decoder(batch.input_ids, batch.positions, batch.meta, cache.layers),
+                    repeat)
+
+
+def profiled(step: Callable[[], object], repeat: int) -> list[dict]:
     from torch.profiler import ProfilerActivity, profile
 
-    graphs.run([chunk], shape)
+    step()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(repeat):
-            graphs.run([chunk], shape)
+            step()
         torch.cuda.synchronize()
     totals: dict[str, list[float]] = {}
     for event in prof.events():
@@ -83,7 +96,7 @@ def eager_ms(decoder, cache: KVCache, chunks: list[Chunk], repeat: int = 5) -> f
 
 
 def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
-                  sessions: int, context: int) -> dict:
+                  sessions: int, context: int, kernels: bool = False) -> dict:
     """The 64-sessions workload's two steps: every session's 32-token question prefilled in
     one eager step, then one decode token for each (a captured graph)."""
     block = cache.block_size
@@ -94,11 +107,22 @@ def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
         seqs.append(seq)
     with torch.inference_mode():
         prefill = eager_ms(decoder, cache, [Chunk(s, context, 32, True) for s in seqs])
-    decode = replay_ms(graphs, None, (sessions, 1), chunks=[Chunk(s, context + 32, 1, True) for s in seqs])
+        prefill_breakdown = None
+        if kernels:
+            print(f"{sessions} sessions x {context}, 32-token questions prefill, by kernel:")
+            prefill_breakdown = eager_breakdown(decoder, cache,
+                                                [Chunk(s, context, 32, True) for s in seqs])
+    decode_chunks = [Chunk(s, context + 32, 1, True) for s in seqs]
+    decode = replay_ms(graphs, None, (sessions, 1), chunks=decode_chunks)
+    breakdown = None
+    if kernels:
+        print(f"{sessions} sessions x {context}, decode step, by kernel:")
+        breakdown = kernel_breakdown(graphs, decode_chunks, (sessions, 1))
     for seq in seqs:
         pool.release(seq.block_table)
     row = {"sessions": sessions, "context": context, "question_prefill_gpu_ms": prefill,
-           "decode_gpu_ms": decode}
+           "decode_gpu_ms": decode, "decode_kernels": breakdown,
+           "prefill_kernels": prefill_breakdown}
     print(f"{sessions} sessions x {context}: 32-token questions prefill {prefill:.2f} ms (eager), "
           f"decode step {decode:.2f} ms", flush=True)
     return row
@@ -143,9 +167,9 @@ def main() -> int:
                "floor_ms": forward_floor_ms(model.config, ceilings, ctx, 32)}
         if args.kernels:
             print(f"context {ctx}, 32-token question step, by kernel:")
-            row["question_kernels"] = kernel_breakdown(graphs, Chunk(seq, ctx, 32, True), (1, 32))
+            row["question_kernels"] = kernel_breakdown(graphs, [Chunk(seq, ctx, 32, True)], (1, 32))
             print(f"context {ctx}, decode step, by kernel:")
-            row["decode_kernels"] = kernel_breakdown(graphs, Chunk(seq, ctx, 1, True), (1, 1))
+            row["decode_kernels"] = kernel_breakdown(graphs, [Chunk(seq, ctx, 1, True)], (1, 1))
         pool.release(seq.block_table)
         rows.append(row)
         print(f"context {ctx} (PDL {'on' if pdl.enabled_on(config.torch_device()) else 'off'}): "
@@ -153,7 +177,7 @@ def main() -> int:
               f"floor {rows[-1]['floor_ms']:.2f} ms", flush=True)
     if args.sessions:
         rows.append(many_sessions(graphs, model.decoder, cache, pool, args.sessions,
-                                  args.session_context))
+                                  args.session_context, args.kernels))
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
