@@ -1,10 +1,11 @@
 """A timeline of the worker while many sessions ask at once (stream_bench's 64-session round).
 
-Wraps the worker's step methods with timers (this script only; the engine is unchanged) and
-prints, relative to the moment the questions are issued: when each command reached the worker,
-every step with its kind (question prefill, decode, decode run ahead, data), rows and duration,
-and when each first token arrived. It shows whether the questions prefill in one step, how
-long forking takes, and where the round's wall time goes beyond the GPU's steps.
+Wraps the worker's methods with timers (this script only; the engine is unchanged) and prints,
+relative to the moment the questions are issued: when commands reached the worker, the forks,
+the question prefill step, each decode step's launch, the host's wait for it and the GPU time
+it took (CUDA events), and when the first tokens arrived. Then it replays the engine's own
+decode graph for the same sessions back to back, and profiles one more round by kernel, to
+tell the step's GPU time apart from whatever the engine adds around it.
 
     python perf/sessions_trace.py --sessions 64 --session-context 4096 [--out FILE.json]
 """
