@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The standard measurements of one GPU session, in order of value, each under its own time
+# limit, every output kept under $OUT (or perf/results/session when OUT is unset).
+#
+#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full]
+#
+# quick (about 5 minutes): kernel resources, the TMA probe, the step profile by kernel without
+# PDL, the 64-session trace, the stream bench without baselines. full adds the baselines and
+# the agent bench.
+set -u
+MODE=${1:-quick}
+OUT=${OUT:-perf/results/session}
+mkdir -p "$OUT"
+source perf/gpu_setup.sh
+export PYTHONUNBUFFERED=1
+
+step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output, prints the tail
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name"
+    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
+    echo "rc=$?"
+    grep -v "compiling kernel variants\|capturing CUDA graphs" "$OUT/$name.txt" | tail -30
+}
+
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > "$OUT/gpu.txt"
+step kernel_resources 60 python3 perf/kernel_resources.py --out "$OUT/kernel_resources.json"
+step tma_probe 120 python3 perf/tma_probe.py --out "$OUT/tma_probe.json"
+step step_profile 150 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
+    --out "$OUT/step_profile.json"
+step sessions_trace 150 python3 perf/sessions_trace.py --rounds 1 --out "$OUT/sessions_trace.json"
+if [ "$MODE" = full ]; then
+    step stream_bench 300 python3 perf/stream_bench.py --repeats 8 --push-samples 50 --out "$OUT"
+    step agent_bench 240 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
+        --runs reuse,no_reuse --out "$OUT"
+else
+    step stream_bench 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 50 --out "$OUT"
+fi
+echo done
