@@ -138,16 +138,17 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=64,
                    help="also time the many-sessions steps (0 = skip)")
     p.add_argument("--session-context", type=int, default=4096)
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     pdl.set_enabled(not args.no_pdl)
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
-                    kernel_policy=args.kernel_policy)
+                    kernel_policy=args.kernel_policy, block_size=args.block_size)
     ceilings = measure_ceilings(config.torch_device())
     _, model = bind_and_load(config, progress=False)
-    block = 16
+    block = args.block_size
     blocks = max(contexts) // block + 64 + args.sessions * (args.session_context // block + 4)
     cache = KVCache(model.config, blocks, block, config.torch_dtype(), config.torch_device())
     for k, v in cache.layers:  # random KV: never time on zeros

@@ -297,6 +297,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-stateless", action="store_true")
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     p.add_argument("--no-decode-ahead", action="store_true",
                    help="step decode one token at a time (the host waits for each step)")
     p.add_argument("--no-kernel-warm-up", action="store_true",
@@ -311,7 +312,7 @@ def main() -> int:
     config = Config(model=args.model, device="cuda", dtype=args.dtype, cache_dir=args.cache_dir,
                     kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     kernel_policy=args.kernel_policy, warm_up_kernels=not args.no_kernel_warm_up,
-                    decode_run_ahead=not args.no_decode_ahead)
+                    decode_run_ahead=not args.no_decode_ahead, block_size=args.block_size)
     device = config.torch_device()
     ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)

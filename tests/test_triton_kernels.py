@@ -121,6 +121,34 @@ def test_prefill_attention_matches_reference(case: tuple, dtype: torch.dtype) ->
     assert _rel(ours, ref) < TOL[dtype]
 
 
+TMA_CASES = [  # 64-token blocks: a page is one key tile
+    # q_lens, ctx_lens, heads, kv heads, head_dim, block_size, window, splits
+    ([1, 7, 33], [1, 40, 90], 4, 4, 64, 64, None, None),
+    ([5, 1, 20], [70, 33, 200], 8, 2, 128, 64, 24, 3),
+    ([40], [95], 4, 1, 64, 64, 30, None),
+    ([10, 64, 1], [300, 200, 150], 8, 2, 64, 64, 150, 2),  # window with fully visible tiles
+    ([150, 2], [160, 50], 2, 2, 64, 64, None, None),  # several query tiles per sequence
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"q{c[0]}-ctx{c[1]}-g{c[2] // c[3]}")
+def test_prefill_attention_with_tma_loads_matches_reference(case: tuple, dtype: torch.dtype) -> None:
+    """Pages past a context's end hold NaN, which the TMA loads must not let through."""
+    q_lens, ctx_lens, hq, hk, d, bs, window, splits = case
+    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype)
+    scale = d**-0.5
+    ours = K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, scale, window, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
+    assert _rel(ours, ref) < TOL[dtype]
+
+
+def test_tma_prefill_refuses_other_block_sizes() -> None:
+    q, kc, vc, meta = _paged_batch([4], [20], 4, 4, 64, 16, torch.float32)
+    with pytest.raises(ValueError, match="64-token KV blocks"):
+        K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, 0.125, None)
+
+
 DECODE_CASES = [
     # ctx_lens, heads, kv heads, head_dim, block_size, window, splits
     ([1, 17, 64, 100, 250], 4, 4, 64, 16, None, None),
@@ -268,10 +296,16 @@ def _target(**overrides: object) -> Target:
 def test_candidates_cover_each_operation_and_explain_refusals() -> None:
     from livelm.daemon.kernels.triton_backend import candidates
 
-    found = {c.operation: c for c in candidates()}
+    every = candidates()
+    tma = next(c for c in every if c.name == "triton.paged_prefill_tma")
+    found = {c.operation: c for c in every if c is not tma}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
                           "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
+    assert "64-token" in tma.supports(_target())  # 16-token blocks: the pointer kernel only
+    assert tma.supports(_target(block_size=64)) is None
+    if CUDA:
+        assert "9.0" in tma.supports(_target(block_size=64, capability=(8, 0)))
     decode = found["decode_attention"].supports
     assert "head_dim" in decode(_target(head_dim=96))
     assert "dtype" in decode(_target(dtype=torch.float64))
@@ -313,6 +347,18 @@ def test_gpu_question_over_long_contexts(window: int | None) -> None:
     ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, 128**-0.5, window)
     ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, window)
     assert _rel(ours, ref) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_tma_prefill_at_model_shapes() -> None:
+    c = LLAMA
+    for q_lens, ctx_lens in (([32, 32, 48], [2600, 19_000, 32_768]), ([2048, 1], [8192, 300])):
+        q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, c["num_heads"], c["num_kv_heads"],
+                                       c["head_dim"], 64, c["dtype"])
+        ours = K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, 128**-0.5, None)
+        ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
+        assert _rel(ours, ref) < 1e-2
 
 
 @needs_cuda

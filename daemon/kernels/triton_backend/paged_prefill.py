@@ -12,6 +12,11 @@ Key tiles are walked in three runs: the masked ones before the window's fully vi
 the fully visible ones (no mask arithmetic), and the masked ones on the causal diagonal.
 When the batch has too few tiles to fill the GPU (a short question over a long context),
 each program takes one of several key splits and a second kernel merges them.
+
+``paged_prefill_attention_tma`` is the same kernel loading each key tile with one TMA
+descriptor copy instead of pointer gathers, for KV blocks of exactly one tile (TMA_PAGE
+tokens). It is a candidate the policy must prefer, pending an H200 comparison
+(perf/tma_probe.py measures the loads alone).
 """
 
 from __future__ import annotations
@@ -34,8 +39,14 @@ from livelm.daemon.kernels.triton_backend.paged_decode import (
 )
 from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
+try:  # host-side TMA descriptors (triton 3.3+); without them the TMA variant is unavailable
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
 SPLIT_PROGRAMS_PER_SM = 2
 MAX_ROWS = 128
+TMA_PAGE = 64  # the KV block size whose pages the TMA variant loads whole, one per key tile
 
 
 @triton.jit
@@ -52,32 +63,53 @@ def _find_sequence(query_starts, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
+def _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head,
+             stride_kb, stride_ks, stride_kh, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+             BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Key tile t: K as [HEAD_DIM, BLOCK_N] and V as [BLOCK_N, HEAD_DIM]; keys at or past ctx
+    read as zeros. TMA: one descriptor load per tensor (a page is one tile, BLOCK_SIZE ==
+    BLOCK_N); else pointer loads through the block table, one page number per key."""
+    keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
+    key_ok = keys < ctx
+    dims = tl.arange(0, HEAD_DIM)
+    if TMA:
+        row = tl.load(table + t).to(tl.int32) * BLOCK_SIZE
+        k = tl.trans(k_desc.load([row, kv_head * HEAD_DIM]))
+        v = v_desc.load([row, kv_head * HEAD_DIM])
+        if MASKED:  # a page's slots past the context hold stale (even NaN) values
+            k = tl.where(key_ok[None, :], k, 0.0)
+            v = tl.where(key_ok[:, None], v, 0.0)
+        return k, v
+    if MASKED:
+        page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+    else:
+        page = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
+    kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+    if MASKED:
+        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
+        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+    else:
+        k = tl.load(k_cache + kv_off[None, :] + dims[:, None])
+        v = tl.load(v_cache + kv_off[:, None] + dims[None, :])
+    return k, v
+
+
+@triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, q_pos, t_start, t_end, ctx, window,
-    k_cache, v_cache, table, kv_head, stride_kb, stride_ks, stride_kh, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
+    scale_log2, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr,
 ):
     """Online softmax over key tiles [t_start, t_end); MASKED applies causal/window/length."""
-    dims = tl.arange(0, HEAD_DIM)
     for t in range(t_start, t_end):
         keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        if MASKED:
-            key_ok = keys < ctx
-            page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        else:
-            page = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
-        kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        if MASKED:
-            k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
-            v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-        else:
-            k = tl.load(k_cache + kv_off[None, :] + dims[:, None])
-            v = tl.load(v_cache + kv_off[:, None] + dims[None, :])
+        k, v = _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head, stride_kb,
+                        stride_ks, stride_kh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, TMA)
         s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
         if MASKED:
-            ok = (keys[None, :] <= q_pos[:, None]) & key_ok[None, :]
+            ok = (keys[None, :] <= q_pos[:, None]) & (keys < ctx)[None, :]
             if HAS_WINDOW:
                 ok = ok & (keys[None, :] > q_pos[:, None] - window)
             s = tl.where(ok, s, float("-inf"))
@@ -95,13 +127,14 @@ def _attend_tiles(
 
 @triton.jit(do_not_specialize=["num_seqs", "n_rows"])
 def _prefill_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, ws, query_starts, context_lens, block_tables,
+    q_ptr, k_cache, v_cache, k_desc, v_desc, out_ptr, ws, query_starts, context_lens,
+    block_tables,
     num_seqs, n_rows, scale_log2, window,
     stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     tile = tl.program_id(0)
@@ -154,16 +187,16 @@ def _prefill_kernel(
     table = block_tables + seq.to(tl.int64) * stride_bt
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, s_lo, tl.minimum(s_hi, f_lo), ctx, window,
-        k_cache, v_cache, table, kv_head, stride_kb, stride_ks, stride_kh, scale_log2,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION)
+        k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, tl.maximum(s_lo, f_lo), tl.minimum(s_hi, f_hi), ctx, window,
-        k_cache, v_cache, table, kv_head, stride_kb, stride_ks, stride_kh, scale_log2,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, UPCAST, PRECISION)
+        k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, UPCAST, PRECISION, TMA)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, tl.maximum(s_lo, f_hi), s_hi, ctx, window,
-        k_cache, v_cache, table, kv_head, stride_kb, stride_ks, stride_kh, scale_log2,
-        HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION)
+        k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA)
 
     num_heads = tl.num_programs(1) * GROUP
     if SPLIT:
@@ -224,6 +257,42 @@ def paged_prefill_attention(
 
     num_splits overrides the key-split count chosen from the batch (tests, tuning).
     """
+    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, tma=False)
+
+
+def paged_prefill_attention_tma(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMeta,
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """``paged_prefill_attention`` loading each key tile as one TMA descriptor copy: needs
+    TMA_PAGE-token pages (the KV block size), so that a page is exactly one tile."""
+    if k_cache.shape[1] != TMA_PAGE:
+        raise ValueError(f"the TMA variant needs {TMA_PAGE}-token KV blocks, got {k_cache.shape[1]}")
+    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, tma=True)
+
+
+def tma_unavailable_reason() -> str | None:
+    return None if TensorDescriptor is not None else "this triton has no tensor descriptors"
+
+
+def _descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[object, object]:
+    """K and V seen as [blocks * page, kv_heads * head_dim], one page of one head per box."""
+    blocks, page, kv_heads, head_dim = k_cache.shape
+    flat = (blocks * page, kv_heads * head_dim)
+    return tuple(  # type: ignore[return-value]
+        TensorDescriptor.from_tensor(c.view(flat), [page, head_dim]) for c in (k_cache, v_cache)
+    )
+
+
+def _attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+    scale: float, sliding_window: int | None, num_splits: int | None, tma: bool,
+) -> torch.Tensor:
     n, num_heads, head_dim = q.shape
     check_caches(k_cache, v_cache)
     if q.stride(-1) != 1:
@@ -231,18 +300,22 @@ def paged_prefill_attention(
     if n == 0:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     plan = _plan(q, k_cache, meta)
+    if tma:
+        plan["block_n"] = k_cache.shape[1]
+    k_desc, v_desc = _descriptors(k_cache, v_cache) if tma else (k_cache, v_cache)
     splits = num_splits or plan["splits"]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     ws = split_workspace(splits, n, num_heads, head_dim, q.device) if splits > 1 else out
     _prefill_kernel[(plan["tiles"], k_cache.shape[2], splits)](
-        q, k_cache, v_cache, out, ws, meta.query_starts, meta.context_lens, meta.block_tables,
-        meta.num_seqs, n, scale * LOG2E, sliding_window or 0,
+        q, k_cache, v_cache, k_desc, v_desc, out, ws, meta.query_starts, meta.context_lens,
+        meta.block_tables, meta.num_seqs, n, scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0),
         GROUP=plan["group"], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=plan["warps"], num_stages=plan["stages"], **pdl.launch_args(q.device),
+        num_warps=plan["warps"], num_stages=plan["stages"], TMA=tma,
+        **pdl.launch_args(q.device),
     )
     if splits > 1:
         combine_splits(ws, splits, out)
