@@ -143,10 +143,12 @@ def test_prefill_attention_with_tma_loads_matches_reference(case: tuple, dtype: 
     assert _rel(ours, ref) < TOL[dtype]
 
 
-def test_tma_prefill_refuses_other_block_sizes() -> None:
-    q, kc, vc, meta = _paged_batch([4], [20], 4, 4, 64, 16, torch.float32)
-    with pytest.raises(ValueError, match="64-token KV blocks"):
-        K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, 0.125, None)
+def test_tma_variants_refuse_other_block_sizes() -> None:
+    q, kc, vc, meta = _paged_batch([1], [20], 4, 4, 64, 16, torch.float32)
+    for variant in (K.paged_prefill.paged_prefill_attention_tma,
+                    K.paged_decode.paged_decode_attention_tma):
+        with pytest.raises(ValueError, match="64-token KV blocks"):
+            variant(q, kc, vc, meta, 0.125, None)
 
 
 DECODE_CASES = [
@@ -165,6 +167,27 @@ def test_decode_attention_matches_reference(case: tuple, dtype: torch.dtype) -> 
     q, kc, vc, meta = _paged_batch([1] * len(ctx_lens), ctx_lens, hq, hk, d, bs, dtype)
     scale = d**-0.5
     ours = K.paged_decode.paged_decode_attention(q, kc, vc, meta, scale, window, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
+    assert _rel(ours, ref) < TOL[dtype]
+
+
+TMA_DECODE_CASES = [  # 64-token blocks; windows start mid-page
+    # ctx_lens, heads, kv heads, head_dim, block_size, window, splits
+    ([1, 17, 64, 100, 250], 4, 4, 64, 64, None, None),
+    ([1, 65, 130, 250], 8, 2, 128, 64, None, 3),
+    ([9, 200, 131], 8, 2, 64, 64, 50, 8),
+    ([300], 8, 2, 64, 64, 100, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", TMA_DECODE_CASES,
+                         ids=lambda c: f"ctx{c[0]}-g{c[1] // c[2]}-w{c[5]}-s{c[6]}")
+def test_decode_attention_with_tma_loads_matches_reference(case: tuple, dtype: torch.dtype) -> None:
+    ctx_lens, hq, hk, d, bs, window, splits = case
+    q, kc, vc, meta = _paged_batch([1] * len(ctx_lens), ctx_lens, hq, hk, d, bs, dtype)
+    scale = d**-0.5
+    ours = K.paged_decode.paged_decode_attention_tma(q, kc, vc, meta, scale, window, splits)
     ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
     assert _rel(ours, ref) < TOL[dtype]
 
@@ -297,15 +320,17 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
     from livelm.daemon.kernels.triton_backend import candidates
 
     every = candidates()
-    tma = next(c for c in every if c.name == "triton.paged_prefill_tma")
-    found = {c.operation: c for c in every if c is not tma}
+    tma = [c for c in every if c.name.endswith("_tma")]
+    found = {c.operation: c for c in every if c not in tma}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
                           "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
-    assert "64-token" in tma.supports(_target())  # 16-token blocks: the pointer kernel only
-    assert tma.supports(_target(block_size=64)) is None
-    if CUDA:
-        assert "9.0" in tma.supports(_target(block_size=64, capability=(8, 0)))
+    assert {c.operation for c in tma} == {"prefill_attention", "decode_attention"}
+    for c in tma:
+        assert "64-token" in c.supports(_target())  # 16-token blocks: the pointer kernels only
+        assert c.supports(_target(block_size=64)) is None
+        if CUDA:
+            assert "9.0" in c.supports(_target(block_size=64, capability=(8, 0)))
     decode = found["decode_attention"].supports
     assert "head_dim" in decode(_target(head_dim=96))
     assert "dtype" in decode(_target(dtype=torch.float64))
@@ -351,7 +376,7 @@ def test_gpu_question_over_long_contexts(window: int | None) -> None:
 
 @needs_cuda
 @pytest.mark.gpu
-def test_gpu_tma_prefill_at_model_shapes() -> None:
+def test_gpu_tma_attention_at_model_shapes() -> None:
     c = LLAMA
     for q_lens, ctx_lens in (([32, 32, 48], [2600, 19_000, 32_768]), ([2048, 1], [8192, 300])):
         q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, c["num_heads"], c["num_kv_heads"],
@@ -359,6 +384,11 @@ def test_gpu_tma_prefill_at_model_shapes() -> None:
         ours = K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, 128**-0.5, None)
         ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
         assert _rel(ours, ref) < 1e-2
+    q, kc, vc, meta = _paged_batch([1] * 64, [4096] * 63 + [19_000], c["num_heads"],
+                                   c["num_kv_heads"], c["head_dim"], 64, c["dtype"])
+    ours = K.paged_decode.paged_decode_attention_tma(q, kc, vc, meta, 128**-0.5, None)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
+    assert _rel(ours, ref) < 1e-2
 
 
 @needs_cuda

@@ -61,13 +61,13 @@ def _attention_reason(t: Target) -> str | None:
 
 
 def _tma_attention_reason(t: Target) -> str | None:
-    from livelm.daemon.kernels.triton_backend import paged_prefill
+    from livelm.daemon.kernels.triton_backend import tma
 
-    reason = _attention_reason(t) or paged_prefill.tma_unavailable_reason()
+    reason = _attention_reason(t) or tma.unavailable_reason()
     if reason is not None:
         return reason
-    if t.block_size != paged_prefill.TMA_PAGE:
-        return f"loads whole {paged_prefill.TMA_PAGE}-token KV blocks; block_size is {t.block_size}"
+    if t.block_size != tma.PAGE:
+        return f"loads whole {tma.PAGE}-token KV blocks; block_size is {t.block_size}"
     if t.device.type == "cuda" and t.capability is not None and t.capability < (9, 0):
         return "TMA needs compute capability 9.0+"
     return None
@@ -119,12 +119,14 @@ def candidates() -> list[Candidate]:
         # graph); the host lists only steer tile and split choices, which any replay survives
         make("prefill_attention", "paged_prefill", paged_prefill.paged_prefill_attention,
              _attention_reason),
-        # the same kernel with TMA loads, for 64-token KV blocks; after paged_prefill, so it is
-        # bound only where a policy prefers it
+        # the attention kernels with TMA loads, for 64-token KV blocks; each after the pointer
+        # version, so it is bound only where a policy prefers it
         make("prefill_attention", "paged_prefill_tma", paged_prefill.paged_prefill_attention_tma,
              _tma_attention_reason),
         make("decode_attention", "paged_decode_splitk", paged_decode.paged_decode_attention,
              _attention_reason),
+        make("decode_attention", "paged_decode_tma", paged_decode.paged_decode_attention_tma,
+             _tma_attention_reason),
         make("rms_norm", "rms_norm", norms.rms_norm, _norm_reason),
         make("add_rms_norm", "add_rms_norm", norms.add_rms_norm, _norm_reason),
         make("rope", "rope", rope.rope, _rope_reason),

@@ -18,6 +18,10 @@ The split count only shapes the grid: each program reads its sequence's length f
 and derives its own key range, so any fixed split count (a CUDA graph's) is correct for any
 context length. Splits past the end of a short sequence write neutral stats (max -inf, sum 0);
 a context of no keys gives zeros.
+
+``paged_decode_attention_tma`` loads each key tile with one TMA descriptor copy (``tma.py``),
+for KV blocks of exactly one tile; its splits then start on page boundaries, and keys before
+a sliding window's start are masked like those past the context's end.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import triton
 import triton.language as tl
 
 from livelm.daemon.kernels.attention_meta import AttentionMeta
-from livelm.daemon.kernels.triton_backend import pdl
+from livelm.daemon.kernels.triton_backend import pdl, tma
 from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
 LOG2E = 1.4426950408889634
@@ -61,28 +65,41 @@ def split_slots(ws, split, row, head, num_splits, n_rows, num_heads, HEAD_DIM: t
 
 
 @triton.jit
-def _attend_split(q, k_cache, v_cache, table, start, end, kv_head, scale_log2,
-                  stride_kb, stride_ks, stride_kh,
+def _attend_split(q, k_cache, v_cache, k_desc, v_desc, table, first, start, end, kv_head,
+                  scale_log2, stride_kb, stride_ks, stride_kh,
                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax of the group's query rows over keys [start, end): (acc, max, sum)."""
+                  BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+                  TMA: tl.constexpr):
+    """Online softmax of the group's query rows over keys [max(start, first), end): (acc, max,
+    sum). TMA: tiles are whole pages (start is page-aligned, so it may precede first), each
+    loaded with one descriptor copy; else pointer loads through the block table."""
     dims = tl.arange(0, HEAD_DIM)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
     for k0 in range(start, end, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
-        key_ok = keys < end
-        page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
+        if TMA:
+            key_ok = (keys < end) & (keys >= first)
+            row = tl.load(table + k0 // BLOCK_SIZE).to(tl.int32) * BLOCK_SIZE
+            # a page's slots outside the keys hold stale (even NaN) values: zero them
+            k = tl.where(key_ok[None, :], tl.trans(k_desc.load([row, kv_head * HEAD_DIM])), 0.0)
+            v = tl.where(key_ok[:, None], v_desc.load([row, kv_head * HEAD_DIM]), 0.0)
+        else:
+            key_ok = keys < end
+            page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
+            kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+            k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
+                        other=0.0)
         s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
+        if not TMA:
+            v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None],
+                        other=0.0)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -103,13 +120,13 @@ def _store_partials(acc, m_i, l_i, ws, seq, split, heads, row_ok, GROUP: tl.cons
 
 @triton.jit
 def _decode_split_kernel(
-    q_ptr, k_cache, v_cache, out_ptr, ws, context_lens, block_tables,
+    q_ptr, k_cache, v_cache, k_desc, v_desc, out_ptr, ws, context_lens, block_tables,
     scale_log2, window,
     stride_qn, stride_qh, stride_kb, stride_ks, stride_kh, stride_bt,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     seq = tl.program_id(0)
@@ -121,6 +138,9 @@ def _decode_split_kernel(
     lo = 0
     if HAS_WINDOW:
         lo = tl.maximum(ctx - window, 0)
+    first = lo
+    if TMA:  # whole pages: the splits start on page boundaries
+        lo = lo // BLOCK_N * BLOCK_N
     chunk = tl.cdiv(tl.cdiv(ctx - lo, num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, ctx)
@@ -132,9 +152,10 @@ def _decode_split_kernel(
     q = tl.load(q_ptr + seq.to(tl.int64) * stride_qn + heads[:, None] * stride_qh
                 + dims[None, :], mask=row_ok[:, None], other=0.0)
     table = block_tables + seq.to(tl.int64) * stride_bt
-    acc, m_i, l_i = _attend_split(q, k_cache, v_cache, table, start, end, kv_head, scale_log2,
-                                  stride_kb, stride_ks, stride_kh, GROUP_PAD, HEAD_DIM,
-                                  BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION)
+    acc, m_i, l_i = _attend_split(q, k_cache, v_cache, k_desc, v_desc, table, first, start, end,
+                                  kv_head, scale_log2, stride_kb, stride_ks, stride_kh,
+                                  GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION,
+                                  TMA)
     if SPLIT:
         _store_partials(acc, m_i, l_i, ws, seq, split, heads, row_ok, GROUP, HEAD_DIM)
     else:
@@ -241,6 +262,28 @@ def paged_decode_attention(
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """q [B, Hq, D] (one row per sequence) -> [B, Hq, D]; num_splits fixed for graph capture."""
+    return _decode(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, use_tma=False)
+
+
+def paged_decode_attention_tma(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMeta,
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """``paged_decode_attention`` loading each key tile as one TMA descriptor copy: needs
+    ``tma.PAGE``-token pages (the KV block size), so that a page is exactly one tile."""
+    tma.check_page(k_cache)
+    return _decode(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, use_tma=True)
+
+
+def _decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+    scale: float, sliding_window: int | None, num_splits: int | None, use_tma: bool,
+) -> torch.Tensor:
     num_seqs, num_heads, head_dim = q.shape
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -256,15 +299,18 @@ def paged_decode_attention(
     if num_splits > 1:
         ws = split_workspace(num_splits, num_seqs, num_heads, head_dim, q.device)
     block_n, warps, stages = _tiles(head_dim, q.dtype)
+    if use_tma:
+        block_n = k_cache.shape[1]
+    k_desc, v_desc = tma.descriptors(k_cache, v_cache) if use_tma else (k_cache, v_cache)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, out, ws, meta.context_lens, meta.block_tables,
+        q, k_cache, v_cache, k_desc, v_desc, out, ws, meta.context_lens, meta.block_tables,
         scale * LOG2E, sliding_window or 0,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         meta.block_tables.stride(0),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SPLIT=num_splits > 1,
         HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=warps, num_stages=stages, **pdl.launch_args(q.device),
+        num_warps=warps, num_stages=stages, TMA=use_tma, **pdl.launch_args(q.device),
     )
     if num_splits > 1:
         combine_splits(ws, num_splits, out)

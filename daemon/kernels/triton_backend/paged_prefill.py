@@ -14,7 +14,7 @@ When the batch has too few tiles to fill the GPU (a short question over a long c
 each program takes one of several key splits and a second kernel merges them.
 
 ``paged_prefill_attention_tma`` is the same kernel loading each key tile with one TMA
-descriptor copy instead of pointer gathers, for KV blocks of exactly one tile (TMA_PAGE
+descriptor copy instead of pointer gathers, for KV blocks of exactly one tile (``tma.PAGE``
 tokens). It is a candidate the policy must prefer, pending an H200 comparison
 (perf/tma_probe.py measures the loads alone).
 """
@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from livelm.daemon.kernels.attention_meta import AttentionMeta
-from livelm.daemon.kernels.triton_backend import pdl
+from livelm.daemon.kernels.triton_backend import pdl, tma
 from livelm.daemon.kernels.triton_backend.paged_decode import (
     LOG2E,
     check_caches,
@@ -39,14 +39,8 @@ from livelm.daemon.kernels.triton_backend.paged_decode import (
 )
 from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
-try:  # host-side TMA descriptors (triton 3.3+); without them the TMA variant is unavailable
-    from triton.tools.tensor_descriptor import TensorDescriptor
-except ImportError:
-    TensorDescriptor = None
-
 SPLIT_PROGRAMS_PER_SM = 2
 MAX_ROWS = 128
-TMA_PAGE = 64  # the KV block size whose pages the TMA variant loads whole, one per key tile
 
 
 @triton.jit
@@ -257,7 +251,7 @@ def paged_prefill_attention(
 
     num_splits overrides the key-split count chosen from the batch (tests, tuning).
     """
-    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, tma=False)
+    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, use_tma=False)
 
 
 def paged_prefill_attention_tma(
@@ -270,28 +264,14 @@ def paged_prefill_attention_tma(
     num_splits: int | None = None,
 ) -> torch.Tensor:
     """``paged_prefill_attention`` loading each key tile as one TMA descriptor copy: needs
-    TMA_PAGE-token pages (the KV block size), so that a page is exactly one tile."""
-    if k_cache.shape[1] != TMA_PAGE:
-        raise ValueError(f"the TMA variant needs {TMA_PAGE}-token KV blocks, got {k_cache.shape[1]}")
-    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, tma=True)
-
-
-def tma_unavailable_reason() -> str | None:
-    return None if TensorDescriptor is not None else "this triton has no tensor descriptors"
-
-
-def _descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[object, object]:
-    """K and V seen as [blocks * page, kv_heads * head_dim], one page of one head per box."""
-    blocks, page, kv_heads, head_dim = k_cache.shape
-    flat = (blocks * page, kv_heads * head_dim)
-    return tuple(  # type: ignore[return-value]
-        TensorDescriptor.from_tensor(c.view(flat), [page, head_dim]) for c in (k_cache, v_cache)
-    )
+    ``tma.PAGE``-token pages (the KV block size), so that a page is exactly one tile."""
+    tma.check_page(k_cache)
+    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, use_tma=True)
 
 
 def _attend(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
-    scale: float, sliding_window: int | None, num_splits: int | None, tma: bool,
+    scale: float, sliding_window: int | None, num_splits: int | None, use_tma: bool,
 ) -> torch.Tensor:
     n, num_heads, head_dim = q.shape
     check_caches(k_cache, v_cache)
@@ -300,9 +280,9 @@ def _attend(
     if n == 0:
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     plan = _plan(q, k_cache, meta)
-    if tma:
+    if use_tma:
         plan["block_n"] = k_cache.shape[1]
-    k_desc, v_desc = _descriptors(k_cache, v_cache) if tma else (k_cache, v_cache)
+    k_desc, v_desc = tma.descriptors(k_cache, v_cache) if use_tma else (k_cache, v_cache)
     splits = num_splits or plan["splits"]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     ws = split_workspace(splits, n, num_heads, head_dim, q.device) if splits > 1 else out
@@ -314,7 +294,7 @@ def _attend(
         GROUP=plan["group"], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=plan["warps"], num_stages=plan["stages"], TMA=tma,
+        num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma,
         **pdl.launch_args(q.device),
     )
     if splits > 1:
