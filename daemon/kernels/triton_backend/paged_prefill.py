@@ -73,16 +73,14 @@ def _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head,
         if MASKED:  # a page's slots past the context hold stale (even NaN) values
             k = tl.where(key_ok[None, :], k, 0.0)
             v = tl.where(key_ok[:, None], v, 0.0)
-        return k, v
-    if MASKED:
+    elif MASKED:
         page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-    else:
-        page = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
-    kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-    if MASKED:
+        kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
         v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
     else:
+        page = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
+        kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache + kv_off[None, :] + dims[:, None])
         v = tl.load(v_cache + kv_off[:, None] + dims[None, :])
     return k, v
