@@ -98,6 +98,17 @@ def _paged_batch(
     return q, k_cache, v_cache, meta
 
 
+def _matches_reference(kernel, q_lens: list[int], ctx_lens: list[int], case: tuple,
+                       dtype: torch.dtype) -> None:
+    """``kernel`` against the reference on a paged batch whose slots outside every context
+    hold NaN; ``case`` is (heads, kv heads, head_dim, block_size, window, splits)."""
+    hq, hk, d, bs, window, splits = case
+    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype)
+    ours = kernel(q, kc, vc, meta, d**-0.5, window, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, d**-0.5, window)
+    assert _rel(ours, ref) < TOL[dtype]
+
+
 PREFILL_CASES = [
     # q_lens, ctx_lens, heads, kv heads, head_dim, block_size, window, splits
     ([1, 7, 33], [1, 40, 90], 4, 4, 64, 16, None, None),
@@ -113,12 +124,7 @@ PREFILL_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", PREFILL_CASES, ids=lambda c: f"q{c[0]}-ctx{c[1]}-g{c[2] // c[3]}")
 def test_prefill_attention_matches_reference(case: tuple, dtype: torch.dtype) -> None:
-    q_lens, ctx_lens, hq, hk, d, bs, window, splits = case
-    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype)
-    scale = d**-0.5
-    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, scale, window, splits)
-    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
-    assert _rel(ours, ref) < TOL[dtype]
+    _matches_reference(K.paged_prefill.paged_prefill_attention, case[0], case[1], case[2:], dtype)
 
 
 TMA_CASES = [  # 64-token blocks: a page is one key tile
@@ -135,12 +141,8 @@ TMA_CASES = [  # 64-token blocks: a page is one key tile
 @pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"q{c[0]}-ctx{c[1]}-g{c[2] // c[3]}")
 def test_prefill_attention_with_tma_loads_matches_reference(case: tuple, dtype: torch.dtype) -> None:
     """Pages past a context's end hold NaN, which the TMA loads must not let through."""
-    q_lens, ctx_lens, hq, hk, d, bs, window, splits = case
-    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, hq, hk, d, bs, dtype)
-    scale = d**-0.5
-    ours = K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, scale, window, splits)
-    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
-    assert _rel(ours, ref) < TOL[dtype]
+    _matches_reference(K.paged_prefill.paged_prefill_attention_tma, case[0], case[1], case[2:],
+                       dtype)
 
 
 def test_tma_variants_refuse_other_block_sizes() -> None:
@@ -163,12 +165,8 @@ DECODE_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", DECODE_CASES, ids=lambda c: f"ctx{c[0]}-g{c[1] // c[2]}-s{c[6]}")
 def test_decode_attention_matches_reference(case: tuple, dtype: torch.dtype) -> None:
-    ctx_lens, hq, hk, d, bs, window, splits = case
-    q, kc, vc, meta = _paged_batch([1] * len(ctx_lens), ctx_lens, hq, hk, d, bs, dtype)
-    scale = d**-0.5
-    ours = K.paged_decode.paged_decode_attention(q, kc, vc, meta, scale, window, splits)
-    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
-    assert _rel(ours, ref) < TOL[dtype]
+    _matches_reference(K.paged_decode.paged_decode_attention, [1] * len(case[0]), case[0],
+                       case[1:], dtype)
 
 
 TMA_DECODE_CASES = [  # 64-token blocks; windows start mid-page
@@ -184,12 +182,8 @@ TMA_DECODE_CASES = [  # 64-token blocks; windows start mid-page
 @pytest.mark.parametrize("case", TMA_DECODE_CASES,
                          ids=lambda c: f"ctx{c[0]}-g{c[1] // c[2]}-w{c[5]}-s{c[6]}")
 def test_decode_attention_with_tma_loads_matches_reference(case: tuple, dtype: torch.dtype) -> None:
-    ctx_lens, hq, hk, d, bs, window, splits = case
-    q, kc, vc, meta = _paged_batch([1] * len(ctx_lens), ctx_lens, hq, hk, d, bs, dtype)
-    scale = d**-0.5
-    ours = K.paged_decode.paged_decode_attention_tma(q, kc, vc, meta, scale, window, splits)
-    ref = torch_ref.paged_attention(q, kc, vc, meta, scale, window)
-    assert _rel(ours, ref) < TOL[dtype]
+    _matches_reference(K.paged_decode.paged_decode_attention_tma, [1] * len(case[0]), case[0],
+                       case[1:], dtype)
 
 
 def test_decode_fixed_splits_follow_device_lengths() -> None:
