@@ -3,6 +3,7 @@ exactly as transformers does over the same tokens (and as the CPU reference path
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,6 @@ def test_cuda_concurrent_sessions_decode_as_on_the_cpu(tmp_path: Path) -> None:
     """Sessions of different lengths answering at once: a multi-sequence decode graph, whose
     block tables are narrower than the graph's (packed before their copy), and one batch of
     fork copies for the questions that arrive together."""
-    import asyncio
-
     folder = make_tiny_checkpoint(tmp_path / "model", "llama")
 
     async def scenario(engine: Engine):
