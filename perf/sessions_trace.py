@@ -50,7 +50,7 @@ def _timed(name: str, rows_arg: int | None = None) -> None:
             rows = len(args[rows_arg]) if rows_arg is not None else None
             kind = name
             if rows_arg is not None and name == "_step":
-                kind = "question" if any(ch.length > 1 for ch in args[0]) else "step"
+                kind = "prefill" if any(ch.length > 1 for ch in args[0]) else "step"
             EVENTS.append({"what": kind, "start": start, "end": time.perf_counter(),
                            "rows": rows})
 
@@ -129,7 +129,7 @@ def summarize(trace: dict[str, Any]) -> None:
         print(f"  decode steps on the GPU: median {statistics.median(gpu):.2f} ms "
               f"(min {min(gpu):.2f}, max {max(gpu):.2f})")
     steps = [e for e in sorted(events, key=lambda e: e["start"]) if e["what"] in (
-        "question", "step", "_launch_decode", "collect",
+        "prefill", "step", "_launch_decode", "collect",
                                                "_apply_step")]
     print("  first 24 events (start, duration ms, kind, rows, GPU ms):")
     for e in steps[:24]:

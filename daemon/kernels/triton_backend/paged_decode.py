@@ -301,7 +301,7 @@ def _decode(
     block_n, warps, stages = _tiles(head_dim, q.dtype)
     if use_tma:
         block_n = k_cache.shape[1]
-    k_desc, v_desc = tma.descriptors(k_cache, v_cache) if use_tma else (k_cache, v_cache)
+    k_desc, v_desc = tma.kernel_args(k_cache, v_cache, use_tma)
     _decode_split_kernel[(num_seqs, num_kv_heads, num_splits)](
         q, k_cache, v_cache, k_desc, v_desc, out, ws, meta.context_lens, meta.block_tables,
         scale * LOG2E, sliding_window or 0,

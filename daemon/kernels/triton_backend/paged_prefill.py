@@ -280,7 +280,7 @@ def _attend(
     plan = _plan(q, k_cache, meta)
     if use_tma:
         plan["block_n"] = k_cache.shape[1]
-    k_desc, v_desc = tma.descriptors(k_cache, v_cache) if use_tma else (k_cache, v_cache)
+    k_desc, v_desc = tma.kernel_args(k_cache, v_cache, use_tma)
     splits = num_splits or plan["splits"]
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     ws = split_workspace(splits, n, num_heads, head_dim, q.device) if splits > 1 else out

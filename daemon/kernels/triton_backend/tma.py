@@ -27,6 +27,12 @@ def check_page(k_cache: torch.Tensor) -> None:
         raise ValueError(f"the TMA variant needs {PAGE}-token KV blocks, got {k_cache.shape[1]}")
 
 
+def kernel_args(k_cache: torch.Tensor, v_cache: torch.Tensor, use_tma: bool) -> tuple[object, object]:
+    """What a kernel's k_desc and v_desc arguments receive: the descriptors, or (unused there)
+    the caches themselves."""
+    return descriptors(k_cache, v_cache) if use_tma else (k_cache, v_cache)
+
+
 def descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[object, object]:
     """K and V, each one page of one kv head per box."""
     blocks, page, kv_heads, head_dim = k_cache.shape
