@@ -4,10 +4,10 @@
 #
 #   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full]
 #
-# quick (about 7 minutes): kernel resources, the TMA probe and the TMA kernel's GPU tests, the
-# step profile with 16-token blocks against 64-token blocks with TMA loads, the step profile by
-# kernel without PDL, the 64-session trace, the stream bench without baselines. full adds the
-# baselines and the agent bench.
+# quick (about 9 minutes): kernel resources, the TMA probe and the TMA kernel's GPU tests, the
+# step profile with 16-token blocks against 64-token blocks with TMA loads, the stream bench
+# with the TMA candidates, the step profile by kernel without PDL, the 64-session trace, the
+# stream bench without baselines. full adds the baselines and the agent bench.
 set -u
 MODE=${1:-quick}
 OUT=${OUT:-perf/results/session}
@@ -31,6 +31,11 @@ step tma_tests 150 python3 -m pytest -q tests/test_triton_kernels.py -k "tma or 
 step step_16 150 python3 perf/step_profile.py --contexts 3000,19000 --out "$OUT/step_16.json"
 step step_tma64 150 python3 perf/step_profile.py --contexts 3000,19000 --block-size 64 \
     --kernel-policy perf/tma_policy.yaml --out "$OUT/step_tma64.json"
+if [ "$MODE" = quick ]; then  # the TMA candidates end to end, while the A/B is fresh
+    step stream_bench_tma64 200 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+        --repeats 8 --push-samples 50 --block-size 64 --kernel-policy perf/tma_policy.yaml \
+        --out "$OUT/tma64"
+fi
 step step_profile 150 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
     --out "$OUT/step_profile.json"
 step sessions_trace 150 python3 perf/sessions_trace.py --rounds 1 --out "$OUT/sessions_trace.json"
