@@ -128,6 +128,26 @@ def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
     return row
 
 
+def decode_batches(graphs: StepGraphs, pool: BlockPool, block: int, batches: list[int],
+                   context: int) -> list[dict]:
+    """GPU time of the captured decode step at several batch sizes, every sequence at
+    ``context`` keys (where PDL starts to cost, against --no-pdl)."""
+    rows = []
+    for batch in batches:
+        seqs = []
+        for _ in range(batch):
+            seq = Sequence(tokens=[1] * (context + 1))
+            seq.block_table = pool.allocate(-(-(context + 1) // block))
+            seqs.append(seq)
+        shape = next((b, 1) for b in graphs.decode_sizes if b >= batch)
+        ms = replay_ms(graphs, None, shape, chunks=[Chunk(s, context, 1, True) for s in seqs])
+        for seq in seqs:
+            pool.release(seq.block_table)
+        rows.append({"decode_batch": batch, "context": context, "decode_gpu_ms": ms})
+        print(f"decode batch {batch} x {context}: {ms:.3f} ms", flush=True)
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="random:llama-3.1-8b")
@@ -139,23 +159,26 @@ def main() -> int:
                    help="also time the many-sessions steps (0 = skip)")
     p.add_argument("--session-context", type=int, default=4096)
     p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--decode-batches", default="",
+                   help="also time the decode step at these batch sizes (session context)")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
-    contexts = [int(c) for c in args.contexts.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",") if c]
     pdl.set_enabled(not args.no_pdl)
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
                     kernel_policy=args.kernel_policy, block_size=args.block_size)
     ceilings = measure_ceilings(config.torch_device())
     _, model = bind_and_load(config, progress=False)
     block = args.block_size
-    blocks = max(contexts) // block + 64 + args.sessions * (args.session_context // block + 4)
+    longest = max(contexts, default=args.session_context)
+    blocks = longest // block + 64 + args.sessions * (args.session_context // block + 4)
     cache = KVCache(model.config, blocks, block, config.torch_dtype(), config.torch_device())
     for k, v in cache.layers:  # random KV: never time on zeros
         k.normal_()
         v.normal_()
     pool = BlockPool(blocks)
-    graphs = StepGraphs(model.decoder, cache, max(contexts) + 256, max(1, args.sessions), 32)
+    graphs = StepGraphs(model.decoder, cache, longest + 256, max(1, args.sessions), 32)
     graphs.capture(progress=False)
     rows = []
     for ctx in contexts:
@@ -179,6 +202,9 @@ def main() -> int:
     if args.sessions:
         rows.append(many_sessions(graphs, model.decoder, cache, pool, args.sessions,
                                   args.session_context, args.kernels))
+    if args.decode_batches:
+        rows += decode_batches(graphs, pool, block, [int(b) for b in args.decode_batches.split(",")],
+                               args.session_context)
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
