@@ -25,12 +25,33 @@ class StepOutput:
 
 @dataclass
 class PendingStep:
-    """A decode step launched but not yet read back: its sampled tokens are on the device."""
+    """A decode step launched but not yet read back: its sampled tokens are on the device
+    (the next step's input ids) and on their way to pinned host memory.
 
-    tokens: torch.Tensor  # int64 [sampling chunks]
+    Reading them back waits on an event recorded right after the copy, not on the stream:
+    by then the next step is usually queued behind this one, and a plain ``tolist`` of the
+    device tensor would wait for that step too, leaving the GPU idle while the host reports
+    and launches the step after it."""
+
+    tokens: torch.Tensor  # int64 [sampling chunks], on the device
+    host: torch.Tensor  # the same tokens in host memory, once ``copied`` has passed
+    copied: torch.cuda.Event | None  # None when the tokens were computed on the CPU
+
+    @classmethod
+    def reading_back(cls, tokens: torch.Tensor) -> PendingStep:
+        """Starts the copy of ``tokens`` to the host without waiting for it."""
+        if tokens.device.type != "cuda":
+            return cls(tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+        return cls(tokens, host, copied)
 
     def collect(self) -> StepOutput:
-        return StepOutput(self.tokens.tolist(), None)  # waits for the step
+        if self.copied is not None:
+            self.copied.synchronize()  # this step's tokens, not whatever was queued after them
+        return StepOutput(self.host.tolist(), None)
 
 
 class ModelRunner:
@@ -103,7 +124,7 @@ class ModelRunner:
             hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
             logits = self.decoder.logits(hidden).float()
         tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
-        return PendingStep(tokens)
+        return PendingStep.reading_back(tokens)
 
     def _scores(
         self, hidden: torch.Tensor, rows: list[int], targets: list[int], chunks: list[Chunk]
