@@ -37,7 +37,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cache_dir: str = ""  # empty = $LIVELM_HOME or ~/.cache/livelm
     log_level: str = "info"
     log_format: str = "json"  # json | text
-    block_size: int = 16  # tokens per KV block
+    block_size: int = 64  # tokens per KV block (64 lets prefill load key tiles by TMA on Hopper)
     kv_cache_tokens: int = 0  # 0 = size the pool from kv_memory_fraction
     kv_memory_fraction: float = 0.85
     max_batch_tokens: int = 2048

@@ -158,7 +158,7 @@ def main() -> int:
     p.add_argument("--sessions", type=int, default=64,
                    help="also time the many-sessions steps (0 = skip)")
     p.add_argument("--session-context", type=int, default=4096)
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=Config().block_size, help="tokens per KV block")
     p.add_argument("--decode-batches", default="",
                    help="also time the decode step at these batch sizes (session context)")
     p.add_argument("--no-pdl", action="store_true",

@@ -297,7 +297,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--skip-hf", action="store_true")
     p.add_argument("--skip-stateless", action="store_true")
-    p.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
+    p.add_argument("--block-size", type=int, default=Config().block_size, help="tokens per KV block")
     p.add_argument("--no-decode-ahead", action="store_true",
                    help="step decode one token at a time (the host waits for each step)")
     p.add_argument("--no-kernel-warm-up", action="store_true",

@@ -128,17 +128,19 @@ def test_prefill_attention_matches_reference(case: tuple, dtype: torch.dtype) ->
 
 
 TMA_CASES = [  # 64-token blocks: a page is one key tile
-    # q_lens, ctx_lens, heads, kv heads, head_dim, block_size, window, splits
-    ([1, 7, 33], [1, 40, 90], 4, 4, 64, 64, None, None),
+    # q_lens, ctx_lens, heads, kv heads, head_dim, block_size, window, splits; TMA loads only
+    # in unsplit launches, split ones load by pointer
+    ([1, 7, 33], [1, 40, 90], 4, 4, 64, 64, None, 1),
     ([5, 1, 20], [70, 33, 200], 8, 2, 128, 64, 24, 3),
-    ([40], [95], 4, 1, 64, 64, 30, None),
+    ([40], [95], 4, 1, 64, 64, 30, 1),
     ([10, 64, 1], [300, 200, 150], 8, 2, 64, 64, 150, 2),  # window with fully visible tiles
-    ([150, 2], [160, 50], 2, 2, 64, 64, None, None),  # several query tiles per sequence
+    ([10, 64, 1], [300, 200, 150], 8, 2, 64, 64, 150, 1),
+    ([150, 2], [160, 50], 2, 2, 64, 64, None, 1),  # several query tiles per sequence
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"q{c[0]}-ctx{c[1]}-g{c[2] // c[3]}")
+@pytest.mark.parametrize("case", TMA_CASES, ids=lambda c: f"q{c[0]}-ctx{c[1]}-g{c[2] // c[3]}-s{c[7]}")
 def test_prefill_attention_with_tma_loads_matches_reference(case: tuple, dtype: torch.dtype) -> None:
     """Pages past a context's end hold NaN, which the TMA loads must not let through."""
     _matches_reference(K.paged_prefill.paged_prefill_attention_tma, case[0], case[1], case[2:],
@@ -372,7 +374,8 @@ def test_gpu_question_over_long_contexts(window: int | None) -> None:
 @pytest.mark.gpu
 def test_gpu_tma_attention_at_model_shapes() -> None:
     c = LLAMA
-    for q_lens, ctx_lens in (([32, 32, 48], [2600, 19_000, 32_768]), ([2048, 1], [8192, 300])):
+    for q_lens, ctx_lens in (([32, 32, 48], [2600, 19_000, 32_768]), ([2048, 1], [8192, 300]),
+                             ([32] * 64, [4096] * 64)):
         q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, c["num_heads"], c["num_kv_heads"],
                                        c["head_dim"], 64, c["dtype"])
         ours = K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, 128**-0.5, None)

@@ -9,6 +9,8 @@ captured logits of each sequence's last real row.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from livelm.daemon.engine.batch import padded_width
@@ -66,11 +68,12 @@ class StepGraphs:
         shapes = sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True)  # largest first
         with torch.inference_mode(), Progress(len(shapes), "capturing CUDA graphs", enabled=progress) as bar:
             for shape in shapes:
-                self._forward(*shape)  # compiles and warms every kernel outside the capture
-                torch.cuda.synchronize(self.decoder.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    logits = self._forward(*shape)
+                with _launch_mode(shape):
+                    self._forward(*shape)  # compiles and warms every kernel outside the capture
+                    torch.cuda.synchronize(self.decoder.device)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool):
+                        logits = self._forward(*shape)
                 pool = graph.pool()
                 self._graphs[shape] = (graph, logits)
                 bar.update(1)
@@ -130,6 +133,20 @@ class StepGraphs:
         )
         hidden = self.decoder(d["ids"][:rows], d["pos"][:rows], meta, self.cache.layers)
         return self.decoder.logits(hidden.index_select(0, d["last"][:seqs])).float()
+
+
+def _launch_mode(shape: Shape) -> contextlib.AbstractContextManager:
+    """Graphs of several sequences are captured without programmatic dependent launch: on an
+    H200 at Llama-3.1-8B shapes PDL cost 2-4% of the decode step from 8 sequences up (13.82
+    against 13.24 ms at 64 x 4k keys), and nothing at one; one sequence's question steps keep
+    it (6.27 against 6.43 ms at 19k)."""
+    if shape[0] == 1:
+        return contextlib.nullcontext()
+    try:
+        from livelm.daemon.kernels.triton_backend import pdl
+    except ImportError:  # no triton: no kernel of ours launches with PDL anyway
+        return contextlib.nullcontext()
+    return pdl.suspended()
 
 
 def _int64_views(buffer: torch.Tensor, rows: int) -> dict[str, torch.Tensor]:

@@ -15,12 +15,15 @@ plain stream order on both sides.
 
 ``launch_args`` gives the compile-time flag and launch option for a device: PDL needs compute
 capability 9.0+, a Triton that knows the ``launch_pdl`` option, and a real GPU (never the
-interpreter). ``set_enabled(False)`` turns it off process-wide, for A/B benchmarks.
+interpreter). ``set_enabled(False)`` turns it off process-wide, for A/B benchmarks;
+``suspended()`` for the launches (or graph captures) inside it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from collections.abc import Iterator
 
 import torch
 import triton
@@ -70,6 +73,17 @@ def set_enabled(enabled: bool) -> None:
     """Process-wide switch for benchmarks; kernels compiled for both settings may coexist."""
     global _enabled
     _enabled = enabled
+
+
+@contextlib.contextmanager
+def suspended() -> Iterator[None]:
+    """Kernels launched inside go without PDL; a CUDA graph captured inside keeps that."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
 
 
 def enabled_on(device: torch.device) -> bool:
