@@ -1,50 +1,49 @@
 #!/usr/bin/env bash
 # The standard measurements of one GPU session, in order of value, each under its own time
-# limit, every output kept under $OUT (or perf/results/session when OUT is unset).
+# limit. Outputs are written under a scratch folder and packed into $OUT/session.tgz after
+# every step (the device tool returns only a few files per call, so one archive carries all).
 #
 #   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full]
 #
-# quick (about 9 minutes): kernel resources, the TMA probe and the TMA kernel's GPU tests, the
-# step profile with 16-token blocks against 64-token blocks with TMA loads, the stream bench
-# with the TMA candidates, the step profile by kernel without PDL, the 64-session trace, the
-# stream bench without baselines. full adds the baselines and the agent bench.
+# quick (about 6 minutes): the GPU tests of the attention kernels and the decode read-back,
+# the step profile with 16- against 64-token blocks and by kernel without PDL, the stream
+# bench without baselines with 16- and with 64-token blocks (the first-token question of
+# perf/NOTES.md). full: the stream bench with its baselines and the agent bench instead.
 set -u
 MODE=${1:-quick}
-OUT=${OUT:-perf/results/session}
-mkdir -p "$OUT"
+FINAL=${OUT:-perf/results/session}
+SCRATCH=$(mktemp -d)
+mkdir -p "$FINAL"
 source perf/gpu_setup.sh
 export PYTHONUNBUFFERED=1
 
 step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output, prints the tail
-    local name=$1 limit=$2
+    local name=$1 limit=$2 t0=$SECONDS
     shift 2
     echo "== $name"
-    timeout "$limit" "$@" > "$OUT/$name.txt" 2>&1
-    echo "rc=$?"
-    grep -v "compiling kernel variants\|capturing CUDA graphs" "$OUT/$name.txt" | tail -30
+    timeout "$limit" "$@" > "$SCRATCH/$name.txt" 2>&1
+    echo "rc=$? in $((SECONDS - t0)) s"
+    grep -v "compiling kernel variants\|capturing CUDA graphs" "$SCRATCH/$name.txt" | tail -30
+    tar czf "$FINAL/session.tgz" -C "$SCRATCH" .
 }
 
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > "$OUT/gpu.txt"
-step kernel_resources 60 python3 perf/kernel_resources.py --out "$OUT/kernel_resources.json"
-step tma_probe 120 python3 perf/tma_probe.py --out "$OUT/tma_probe.json"
-step tma_tests 150 python3 -m pytest -q tests/test_triton_kernels.py -k "tma or gpu_question"
-step step_16 150 python3 perf/step_profile.py --contexts 3000,19000 --out "$OUT/step_16.json"
-step step_tma64 150 python3 perf/step_profile.py --contexts 3000,19000 --block-size 64 \
-    --kernel-policy perf/tma_policy.yaml --out "$OUT/step_tma64.json"
-if [ "$MODE" = quick ]; then  # the TMA candidates end to end, while the A/B is fresh
-    step stream_bench_tma64 200 python3 perf/stream_bench.py --skip-hf --skip-stateless \
-        --repeats 8 --push-samples 50 --block-size 64 --kernel-policy perf/tma_policy.yaml \
-        --out "$OUT/tma64"
-fi
-step step_profile 150 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
-    --out "$OUT/step_profile.json"
-step sessions_trace 150 python3 perf/sessions_trace.py --rounds 1 --out "$OUT/sessions_trace.json"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > "$SCRATCH/gpu.txt"
+step gpu_tests 150 python3 -m pytest -q tests/test_pending_step.py \
+    tests/test_triton_kernels.py -k "gpu or collect"
+step step_16 90 python3 perf/step_profile.py --contexts 3000,19000 --block-size 16 \
+    --out "$SCRATCH/step_16.json"
+step step_64 90 python3 perf/step_profile.py --contexts 3000,19000 --out "$SCRATCH/step_64.json"
+step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
+    --out "$SCRATCH/step_kernels.json"
 if [ "$MODE" = full ]; then
-    step stream_bench 300 python3 perf/stream_bench.py --repeats 8 --push-samples 50 --out "$OUT"
+    step stream_bench 240 python3 perf/stream_bench.py --repeats 8 --push-samples 50 \
+        --out "$SCRATCH/stream"
     step agent_bench 240 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
-        --runs reuse,no_reuse --out "$OUT"
+        --runs reuse,no_reuse --out "$SCRATCH/agent"
 else
-    step stream_bench 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 50 --out "$OUT"
+    step stream_16 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 50 --block-size 16 --out "$SCRATCH/stream_16"
+    step stream_64 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 50 --out "$SCRATCH/stream_64"
 fi
 echo done
