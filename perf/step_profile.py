@@ -131,7 +131,8 @@ def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
 def decode_batches(graphs: StepGraphs, pool: BlockPool, block: int, batches: list[int],
                    context: int) -> list[dict]:
     """GPU time of the captured decode step at several batch sizes, every sequence at
-    ``context`` keys (where PDL starts to cost, against --no-pdl)."""
+    ``context`` keys. (Graphs of several sequences are captured without PDL since these
+    figures showed it costing there; --no-pdl now changes only the one-sequence graphs.)"""
     rows = []
     for batch in batches:
         seqs = []

@@ -77,7 +77,9 @@ def set_enabled(enabled: bool) -> None:
 
 @contextlib.contextmanager
 def suspended() -> Iterator[None]:
-    """Kernels launched inside go without PDL; a CUDA graph captured inside keeps that."""
+    """Kernels launched inside go without PDL; a CUDA graph captured inside keeps that. The
+    switch is process-wide while inside: for start-up work (graph capture), while no other
+    thread launches kernels."""
     global _enabled
     before, _enabled = _enabled, False
     try:
