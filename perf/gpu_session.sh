@@ -5,10 +5,11 @@
 #
 #   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full]
 #
-# quick (about 6 minutes): the GPU tests of the attention kernels and the decode read-back,
-# the step profile with 16- against 64-token blocks and by kernel without PDL, the stream
-# bench without baselines with 16- and with 64-token blocks (the first-token question of
-# perf/NOTES.md). full: the stream bench with its baselines and the agent bench instead.
+# quick (about 7 minutes): the GPU tests of the attention kernels and the decode read-back,
+# the step profile with 16- against 64-token blocks and by kernel without PDL, the host's
+# share of a question (host_trace.py), the stream bench without baselines with 16- and with
+# 64-token blocks (the first-token question of perf/NOTES.md). full: the stream bench with
+# its baselines and the agent bench instead of the last two.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -35,6 +36,8 @@ step step_16 90 python3 perf/step_profile.py --contexts 3000,19000 --block-size 
 step step_64 90 python3 perf/step_profile.py --contexts 3000,19000 --out "$SCRATCH/step_64.json"
 step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
     --out "$SCRATCH/step_kernels.json"
+step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000 --questions 30 \
+    --out "$SCRATCH"
 if [ "$MODE" = full ]; then
     step stream_bench 240 python3 perf/stream_bench.py --repeats 8 --push-samples 50 \
         --out "$SCRATCH/stream"

@@ -172,21 +172,24 @@ def main() -> int:
     )
     p.add_argument("--questions", type=int, default=30)
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
+    p.add_argument("--device", default="cuda",
+                   help="cpu: the host stages with a small model's eager steps (no graphs)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     config = Config(
         model=args.model,
-        device="cuda",
-        dtype="bfloat16",
+        device=args.device,
+        dtype="bfloat16" if args.device == "cuda" else "float32",
         kv_cache_tokens=120_000,
-        kernel_policy=args.kernel_policy,
+        kernel_policy=args.kernel_policy if args.device == "cuda" else "",
     )
     _, model = bind_and_load(config)
     model = dataclasses.replace(model, eos_ids=frozenset())
     trace = Trace()
     for cls, name, label in STAGES:
         trace.wrap(cls, name, label)
-    trace.wrap_gpu()
+    if args.device == "cuda":
+        trace.wrap_gpu()
     results = asyncio.run(run(model, config, args, trace))
     if args.out:
         out = Path(args.out) / "host-trace.json"
