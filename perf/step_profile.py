@@ -28,6 +28,8 @@ from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 from livelm.daemon.kernels.triton_backend import pdl  # noqa: E402
 
+RECORD_TOKENS = 48  # about one OHLCV record of the stream bench
+
 
 def replay_ms(graphs: StepGraphs, chunk: Chunk | None, shape: tuple[int, int], repeat: int = 30,
               chunks: list[Chunk] | None = None) -> float:
@@ -179,15 +181,19 @@ def main() -> int:
         k.normal_()
         v.normal_()
     pool = BlockPool(blocks)
-    graphs = StepGraphs(model.decoder, cache, longest + 256, max(1, args.sessions), 32)
+    graphs = StepGraphs(model.decoder, cache, longest + 256, max(1, args.sessions),
+                        config.graph_max_question)
     graphs.capture(progress=False)
     rows = []
     for ctx in contexts:
-        seq = Sequence(tokens=[1] * (ctx + 32))
-        seq.block_table = pool.allocate(-(-(ctx + 32) // block))
+        seq = Sequence(tokens=[1] * (ctx + RECORD_TOKENS))
+        seq.block_table = pool.allocate(-(-(ctx + RECORD_TOKENS) // block))
         question = replay_ms(graphs, Chunk(seq, ctx, 32, True), (1, 32))
         decode = replay_ms(graphs, Chunk(seq, ctx, 1, True), (1, 1))
+        # a pushed record's data step (push -> queryable), in the graph the engine replays
+        data = replay_ms(graphs, Chunk(seq, ctx, RECORD_TOKENS, False), (1, RECORD_TOKENS))
         row = {"context": ctx, "question_32_gpu_ms": question, "decode_gpu_ms": decode,
+               f"data_{RECORD_TOKENS}_gpu_ms": data,
                "pdl": pdl.enabled_on(config.torch_device()),
                "floor_ms": forward_floor_ms(model.config, ceilings, ctx, 32)}
         if args.kernels:
@@ -199,6 +205,7 @@ def main() -> int:
         rows.append(row)
         print(f"context {ctx} (PDL {'on' if pdl.enabled_on(config.torch_device()) else 'off'}): "
               f"32-token question step {question:.2f} ms, decode step {decode:.2f} ms, "
+              f"{RECORD_TOKENS}-token data step {data:.2f} ms, "
               f"floor {rows[-1]['floor_ms']:.2f} ms", flush=True)
     if args.sessions:
         rows.append(many_sessions(graphs, model.decoder, cache, pool, args.sessions,
