@@ -5,8 +5,9 @@
 #
 #   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full]
 #
-# quick (about 7 minutes): the GPU tests of the attention kernels and the decode read-back,
-# the step profile with 16- against 64-token blocks and by kernel without PDL, the host's
+# quick (about 8 minutes): the GPU tests of the attention kernels and the decode read-back,
+# the step profile with 16- against 64-token blocks, with the sweep's best skinny GEMM configs
+# from 2 rows up against the default rule, and by kernel without PDL, the host's
 # share of a question (host_trace.py), the stream bench without baselines with 16- and with
 # 64-token blocks (the first-token question of perf/NOTES.md). full: the stream bench with
 # its baselines and the agent bench instead of the last two.
@@ -33,7 +34,12 @@ step gpu_tests 150 python3 -m pytest -q tests/test_pending_step.py \
     tests/test_triton_kernels.py -k "gpu or collect"
 step step_16 90 python3 perf/step_profile.py --contexts 3000,19000 --block-size 16 \
     --out "$SCRATCH/step_16.json"
-step step_64 90 python3 perf/step_profile.py --contexts 3000,19000 --out "$SCRATCH/step_64.json"
+step step_64 90 python3 perf/step_profile.py --contexts 3000,19000 --decode-batches 1,8,32,64 \
+    --out "$SCRATCH/step_64.json"
+step step_gemm_swept 90 python3 perf/step_profile.py --contexts 3000,19000 \
+    --decode-batches 1,8,32,64 --gemm-configs-rows 2 \
+    --gemm-configs perf/results/2026-12-02-nvidia-h200-skinny-gemm-754c94a.json \
+    --out "$SCRATCH/step_gemm_swept.json"
 step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
     --out "$SCRATCH/step_kernels.json"
 step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000 --questions 30 \

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import gemm_overrides  # noqa: E402
 from floor import forward_floor_ms, measure_ceilings  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
@@ -164,11 +165,19 @@ def main() -> int:
     p.add_argument("--block-size", type=int, default=Config().block_size, help="tokens per KV block")
     p.add_argument("--decode-batches", default="",
                    help="also time the decode step at these batch sizes (session context)")
+    p.add_argument("--gemm-configs", default="",
+                   help="a skinny_gemm_bench.py results file: its best configs replace the "
+                   "skinny GEMM's default rule (A/B)")
+    p.add_argument("--gemm-configs-rows", type=int, default=1,
+                   help="apply --gemm-configs from this many rows up")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",") if c]
     pdl.set_enabled(not args.no_pdl)
+    if args.gemm_configs:
+        gemm_overrides.install(gemm_overrides.load_table(Path(args.gemm_configs)),
+                               args.gemm_configs_rows)
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
                     kernel_policy=args.kernel_policy, block_size=args.block_size)
     ceilings = measure_ceilings(config.torch_device())
