@@ -33,11 +33,11 @@ def load_table(path: Path) -> dict[tuple[int, int], SweptShape]:
     for result in json.loads(path.read_text())["results"]:
         config = SkinnyConfig(**result["best_config"])
         by_shape.setdefault((result["n"], result["k"]), []).append((result["m"], config))
-    return {
-        shape: SweptShape([m for m, _ in sorted(entries, key=lambda e: e[0])],
-                          [c for _, c in sorted(entries, key=lambda e: e[0])])
-        for shape, entries in by_shape.items()
-    }
+    table = {}
+    for shape, entries in by_shape.items():
+        entries.sort(key=lambda entry: entry[0])
+        table[shape] = SweptShape([m for m, _ in entries], [c for _, c in entries])
+    return table
 
 
 def install(table: dict[tuple[int, int], SweptShape], min_rows: int = 1) -> None:

@@ -32,6 +32,13 @@ from livelm.daemon.kernels.triton_backend import pdl  # noqa: E402
 RECORD_TOKENS = 48  # about one OHLCV record of the stream bench
 
 
+def held_sequence(pool: BlockPool, tokens: int, block: int) -> Sequence:
+    """A sequence of ``tokens`` tokens with the blocks to hold them (release them after)."""
+    seq = Sequence(tokens=[1] * tokens)
+    seq.block_table = pool.allocate(-(-tokens // block))
+    return seq
+
+
 def replay_ms(graphs: StepGraphs, chunk: Chunk | None, shape: tuple[int, int], repeat: int = 30,
               chunks: list[Chunk] | None = None) -> float:
     times = []
@@ -103,11 +110,7 @@ def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
     """The 64-sessions workload's two steps: every session's 32-token question prefilled in
     one eager step, then one decode token for each (a captured graph)."""
     block = cache.block_size
-    seqs = []
-    for _ in range(sessions):
-        seq = Sequence(tokens=[1] * (context + 33))
-        seq.block_table = pool.allocate(-(-(context + 33) // block))
-        seqs.append(seq)
+    seqs = [held_sequence(pool, context + 33, block) for _ in range(sessions)]
     with torch.inference_mode():
         prefill = eager_ms(decoder, cache, [Chunk(s, context, 32, True) for s in seqs])
         prefill_breakdown = None
@@ -138,11 +141,7 @@ def decode_batches(graphs: StepGraphs, pool: BlockPool, block: int, batches: lis
     figures showed it costing there; --no-pdl now changes only the one-sequence graphs.)"""
     rows = []
     for batch in batches:
-        seqs = []
-        for _ in range(batch):
-            seq = Sequence(tokens=[1] * (context + 1))
-            seq.block_table = pool.allocate(-(-(context + 1) // block))
-            seqs.append(seq)
+        seqs = [held_sequence(pool, context + 1, block) for _ in range(batch)]
         shape = next((b, 1) for b in graphs.decode_sizes if b >= batch)
         ms = replay_ms(graphs, None, shape, chunks=[Chunk(s, context, 1, True) for s in seqs])
         for seq in seqs:
@@ -195,8 +194,7 @@ def main() -> int:
     graphs.capture(progress=False)
     rows = []
     for ctx in contexts:
-        seq = Sequence(tokens=[1] * (ctx + RECORD_TOKENS))
-        seq.block_table = pool.allocate(-(-(ctx + RECORD_TOKENS) // block))
+        seq = held_sequence(pool, ctx + RECORD_TOKENS, block)
         question = replay_ms(graphs, Chunk(seq, ctx, 32, True), (1, 32))
         decode = replay_ms(graphs, Chunk(seq, ctx, 1, True), (1, 1))
         # a pushed record's data step (push -> queryable), in the graph the engine replays

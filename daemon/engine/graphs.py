@@ -139,7 +139,8 @@ def _launch_mode(shape: Shape) -> contextlib.AbstractContextManager:
     """Graphs of several sequences are captured without programmatic dependent launch: on an
     H200 at Llama-3.1-8B shapes PDL cost 2-4% of the decode step from 8 sequences up (13.82
     against 13.24 ms at 64 x 4k keys), and nothing at one; one sequence's question steps keep
-    it (6.27 against 6.43 ms at 19k)."""
+    it (6.27 against 6.43 ms at 19k). Their kernels compile a second time without it, once
+    per Triton cache (about 20 s more on the H200's first start)."""
     if shape[0] == 1:
         return contextlib.nullcontext()
     try:
