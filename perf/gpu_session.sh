@@ -3,14 +3,15 @@
 # limit. Outputs are written under a scratch folder and packed into $OUT/session.tgz after
 # every step (the device tool returns only a few files per call, so one archive carries all).
 #
-#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full]
+#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe]
 #
 # quick (about 8 minutes): the GPU tests of the attention kernels and the decode read-back,
 # the step profile with 16- against 64-token blocks, with the sweep's best skinny GEMM configs
 # from 2 rows up against the default rule, and by kernel without PDL, the host's
 # share of a question (host_trace.py), the stream bench without baselines with 16- and with
 # 64-token blocks (the first-token question of perf/NOTES.md). full: the stream bench with
-# its baselines and the agent bench instead of the last two.
+# its baselines and the agent bench instead of the last two. probe: the engine-level GPU
+# tests, the data step by kernel, host and 64-session traces, the 64-question tile sweep.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -30,6 +31,23 @@ step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output, prints the 
 }
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > "$SCRATCH/gpu.txt"
+if [ "$MODE" = probe ]; then  # the push and 64-session questions of perf/NOTES.md
+    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py tests/test_pending_step.py
+    step step 90 python3 perf/step_profile.py --contexts 19000,34000 --sessions 0 \
+        --out "$SCRATCH/step.json"
+    step step_kernels 90 python3 perf/step_profile.py --no-pdl --kernels --contexts 34000 \
+        --sessions 0 --out "$SCRATCH/step_kernels.json"
+    step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000 --questions 30 \
+        --out "$SCRATCH"
+    step sessions_trace 150 python3 perf/sessions_trace.py --out "$SCRATCH/sessions_trace.json"
+    step sweep_64q 120 python3 perf/prefill_sweep.py --grid long --contexts 4096 --q 32 \
+        --seqs 64 --tma --tiles 128/64/4/2,128/64/4/3,128/64/8/2,128/64/8/3,64/64/4/2,64/64/4/3,64/64/8/2 \
+        --out "$SCRATCH/sweep_64q.json"
+    step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 50 --out "$SCRATCH/stream"
+    echo done
+    exit 0
+fi
 step gpu_tests 150 python3 -m pytest -q tests/test_pending_step.py \
     tests/test_triton_kernels.py -k "gpu or collect"
 step step_16 90 python3 perf/step_profile.py --contexts 3000,19000 --block-size 16 \

@@ -27,9 +27,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import QUESTION, Bench, record  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
+from livelm.daemon.engine import runner as runner_module  # noqa: E402
+from livelm.daemon.engine.detok import TextTracker  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
 from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
+from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
+from livelm.daemon.engine.kv_manager import KVManager  # noqa: E402
 from livelm.daemon.engine.runner import ModelRunner  # noqa: E402
+from livelm.daemon.engine.scheduler import Scheduler  # noqa: E402
 from livelm.daemon.engine.staging import StepStaging  # noqa: E402
 from livelm.daemon.engine.worker import Worker  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
@@ -39,12 +44,18 @@ STAGES = [
     (Engine, "generate", "generate"),
     (Worker, "_take_commands", "take_commands"),
     (Worker, "_take_records", "take_records"),
-    (Worker, "_step", "step"),
+    (Worker, "_start_queries", "start_queries"),
     (Worker, "_fork", "fork"),
+    (KVCache, "copy_blocks", "copy_blocks"),
+    (Scheduler, "plan", "plan"),
+    (Worker, "_step", "step"),
+    (KVManager, "prepare_write", "prepare_write"),
+    (runner_module, "sampling_batch", "sampling_batch"),
     (StepStaging, "fill", "graph_fill"),
-    (StepGraphs, "run", "graph_launch"),
+    (StepGraphs, "_replay", "graph_launch"),
     (ModelRunner, "run", "runner_run"),
     (Worker, "_on_token", "on_token"),
+    (TextTracker, "update", "detok"),
     (Worker, "_flush", "flush"),
     (Engine, "_apply_report", "apply_report"),
 ]
@@ -69,7 +80,7 @@ class Trace:
         setattr(cls, name, timed)
 
     def wrap_gpu(self) -> None:
-        original = StepGraphs.run
+        original = StepGraphs._replay  # both variants: with logits and without
 
         def timed(graphs: StepGraphs, *args: Any, **kwargs: Any) -> Any:
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -79,7 +90,7 @@ class Trace:
             self.gpu.append((begin, end))
             return out
 
-        StepGraphs.run = timed  # type: ignore[method-assign]
+        StepGraphs._replay = timed  # type: ignore[method-assign]
 
 
 async def one_question(bench: Bench, sid: str, trace: Trace) -> dict[str, float]:

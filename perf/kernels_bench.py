@@ -57,11 +57,11 @@ def graph_ms(fn: Callable[[], object]) -> float:
 
 
 # ---- inputs ----------------------------------------------------------------------------------
-def paged_batch(q_lens: list[int], ctx_lens: list[int]):
+def paged_batch(q_lens: list[int], ctx_lens: list[int], block: int = BLOCK):
     """Random q and a paged cache with blocks handed out in scrambled order."""
-    per_seq = [math.ceil(c / BLOCK) for c in ctx_lens]
+    per_seq = [math.ceil(c / block) for c in ctx_lens]
     num_blocks = sum(per_seq)
-    k_cache = torch.randn(num_blocks, BLOCK, HK, D, device=DEV, dtype=DTYPE)
+    k_cache = torch.randn(num_blocks, block, HK, D, device=DEV, dtype=DTYPE)
     v_cache = torch.randn_like(k_cache)
     order = torch.randperm(num_blocks, device=DEV).to(torch.int32)
     table = torch.zeros(len(ctx_lens), max(per_seq), dtype=torch.int32, device=DEV)

@@ -4,6 +4,10 @@ choose `_tiles` and the split count from data: a short question over a long cont
 
     python perf/prefill_sweep.py --contexts 3000,19000,32000 --q 32
     python perf/prefill_sweep.py --grid long --contexts 8000,32000 --q 512,2048
+    python perf/prefill_sweep.py --grid long --contexts 4096 --q 32 --seqs 64 --tma
+
+--seqs N: N sequences alike (many sessions asking at once); --tma: the TMA candidate over
+64-token pages (it loads by TMA in unsplit launches only, with BLOCK_N = the page).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernels_bench import HK, HQ, D, graph_ms, paged_batch  # noqa: E402
+from kernels_bench import BLOCK, HK, HQ, D, graph_ms, paged_batch  # noqa: E402
 
 from livelm.daemon.kernels.triton_backend import paged_prefill  # noqa: E402
 
@@ -34,8 +38,13 @@ def main() -> int:
     p.add_argument("--grid", choices=("short", "long"), default="short")
     p.add_argument("--tiles", default="", help="only these BLOCK_M/BLOCK_N/warps/stages, "
                    "e.g. 64/64/4/2,128/32/4/2")
+    p.add_argument("--seqs", type=int, default=1, help="sequences of this shape in the batch")
+    p.add_argument("--tma", action="store_true", help="the TMA candidate, 64-token pages")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    kernel = (paged_prefill.paged_prefill_attention_tma if args.tma
+              else paged_prefill.paged_prefill_attention)
+    page = 64 if args.tma else BLOCK
     original = paged_prefill._tiles
     rows = []
     tiles_grid, splits_grid = (TILES, SPLITS) if args.grid == "short" else (LONG_TILES, (0,))
@@ -43,13 +52,14 @@ def main() -> int:
         tiles_grid = [tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")]
     shapes = [(int(c), int(q)) for c in args.contexts.split(",") for q in args.q.split(",")]
     for ctx, q_len in shapes:
-        inputs = paged_batch([q_len], [ctx])
+        inputs = paged_batch([q_len] * args.seqs, [ctx] * args.seqs, page)
 
         def attend(splits: int | None, inputs=inputs) -> object:
-            return paged_prefill.paged_prefill_attention(*inputs, D**-0.5, None, splits)
+            return kernel(*inputs, D**-0.5, None, splits)
 
-        kv_us = ctx * HK * D * 2 * 2 / 4.2e12 * 1e6
+        kv_us = args.seqs * ctx * HK * D * 2 * 2 / 4.2e12 * 1e6
         visible = q_len * (ctx - q_len) + q_len * (q_len + 1) / 2  # causal (query, key) pairs
+        visible *= args.seqs
         flop_us = 4 * visible * HQ * D / PEAK_FLOPS * 1e6
         floor_us = max(kv_us, flop_us)
         best = None

@@ -29,7 +29,7 @@ from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
 from livelm.daemon.kernels.triton_backend import pdl  # noqa: E402
 
-RECORD_TOKENS = 48  # about one OHLCV record of the stream bench
+RECORD_TOKENS = 51  # one OHLCV record of the stream bench (the demo tokenizer's count)
 
 
 def held_sequence(pool: BlockPool, tokens: int, block: int) -> Sequence:
@@ -40,12 +40,14 @@ def held_sequence(pool: BlockPool, tokens: int, block: int) -> Sequence:
 
 
 def replay_ms(graphs: StepGraphs, chunk: Chunk | None, shape: tuple[int, int], repeat: int = 30,
-              chunks: list[Chunk] | None = None) -> float:
+              chunks: list[Chunk] | None = None, logits: bool = True) -> float:
+    """Median GPU time of the step's graph (``logits`` False: the session-data variant)."""
+    run = graphs.run if logits else graphs.run_without_logits
     times = []
     for _ in range(repeat):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        graphs.run(chunks or [chunk], shape)
+        run(chunks or [chunk], shape)
         end.record()
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
@@ -53,11 +55,13 @@ def replay_ms(graphs: StepGraphs, chunk: Chunk | None, shape: tuple[int, int], r
 
 
 def kernel_breakdown(
-    graphs: StepGraphs, chunks: list[Chunk], shape: tuple[int, int], repeat: int = 5
+    graphs: StepGraphs, chunks: list[Chunk], shape: tuple[int, int], repeat: int = 5,
+    logits: bool = True,
 ) -> list[dict]:
     """GPU time per kernel name over ``repeat`` replays (torch.profiler sees inside graphs).
     With PDL on, a kernel's time includes its wait for the one before: use --no-pdl here."""
-    return profiled(lambda: graphs.run(chunks, shape), repeat)
+    run = graphs.run if logits else graphs.run_without_logits
+    return profiled(lambda: run(chunks, shape), repeat)
 
 
 def eager_breakdown(decoder, cache: KVCache, chunks: list[Chunk], repeat: int = 3) -> list[dict]:
@@ -198,9 +202,13 @@ def main() -> int:
         question = replay_ms(graphs, Chunk(seq, ctx, 32, True), (1, 32))
         decode = replay_ms(graphs, Chunk(seq, ctx, 1, True), (1, 1))
         # a pushed record's data step (push -> queryable), in the graph the engine replays
-        data = replay_ms(graphs, Chunk(seq, ctx, RECORD_TOKENS, False), (1, RECORD_TOKENS))
+        record = Chunk(seq, ctx, RECORD_TOKENS, False)
+        record_shape = graphs.shape_for([record])
+        data = replay_ms(graphs, record, record_shape, logits=False)
+        data_logits = replay_ms(graphs, record, record_shape)  # as before the no-logits graphs
         row = {"context": ctx, "question_32_gpu_ms": question, "decode_gpu_ms": decode,
                f"data_{RECORD_TOKENS}_gpu_ms": data,
+               f"data_{RECORD_TOKENS}_with_logits_gpu_ms": data_logits,
                "pdl": pdl.enabled_on(config.torch_device()),
                "floor_ms": forward_floor_ms(model.config, ceilings, ctx, 32)}
         if args.kernels:
@@ -208,11 +216,13 @@ def main() -> int:
             row["question_kernels"] = kernel_breakdown(graphs, [Chunk(seq, ctx, 32, True)], (1, 32))
             print(f"context {ctx}, decode step, by kernel:")
             row["decode_kernels"] = kernel_breakdown(graphs, [Chunk(seq, ctx, 1, True)], (1, 1))
+            print(f"context {ctx}, {RECORD_TOKENS}-token data step, by kernel:")
+            row["data_kernels"] = kernel_breakdown(graphs, [record], record_shape, logits=False)
         pool.release(seq.block_table)
         rows.append(row)
         print(f"context {ctx} (PDL {'on' if pdl.enabled_on(config.torch_device()) else 'off'}): "
               f"32-token question step {question:.2f} ms, decode step {decode:.2f} ms, "
-              f"{RECORD_TOKENS}-token data step {data:.2f} ms, "
+              f"{RECORD_TOKENS}-token data step {data:.2f} ms ({data_logits:.2f} with logits), "
               f"floor {rows[-1]['floor_ms']:.2f} ms", flush=True)
     if args.sessions:
         rows.append(many_sessions(graphs, model.decoder, cache, pool, args.sessions,

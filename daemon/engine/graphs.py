@@ -1,5 +1,7 @@
 """Steps captured as CUDA graphs and replayed: decode batches (B sequences x 1 token) and short
-question prefills (1 sequence x L tokens), one graph per bucketed shape.
+question prefills (1 sequence x L tokens), one graph per bucketed shape. Prefill shapes are
+captured twice: with the logits of the last row (a question), and without (a little session
+data, where the vocabulary projection would be wasted work on the way to "queryable").
 
 Inputs live in static device buffers filled from pinned host buffers. Rows past a chunk's
 real tokens, and sequences past the real batch, are padding: they write only the pool's
@@ -25,6 +27,7 @@ DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_BUCKETS = (8, 16, 32, 48, 64, 96, 128)
 
 Shape = tuple[int, int]  # (sequences, rows per sequence)
+Variant = tuple[Shape, bool]  # a shape, and whether the graph computes logits
 
 
 class StepGraphs:
@@ -57,25 +60,33 @@ class StepGraphs:
         )
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()
-        self._graphs: dict[Shape, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._graphs: dict[Variant, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[Shape, torch.Tensor] = {}  # the output of each shape's logits graph
 
     @property
     def shapes(self) -> list[Shape]:
         return [(1, n) for n in self.prefill_sizes] + [(b, 1) for b in self.decode_sizes]
 
+    @property
+    def variants(self) -> list[Variant]:
+        return [(s, True) for s in self.shapes] + [((1, n), False) for n in self.prefill_sizes]
+
     def capture(self, progress: bool = True) -> None:
         pool = None
-        shapes = sorted(self.shapes, key=lambda s: s[0] * s[1], reverse=True)  # largest first
-        with torch.inference_mode(), Progress(len(shapes), "capturing CUDA graphs", enabled=progress) as bar:
-            for shape in shapes:
+        # largest first, so the smaller graphs fit in the memory pool the first one sized
+        variants = sorted(self.variants, key=lambda v: v[0][0] * v[0][1], reverse=True)
+        with torch.inference_mode(), Progress(len(variants), "capturing CUDA graphs", enabled=progress) as bar:
+            for shape, with_logits in variants:
                 with _launch_mode(shape):
-                    self._forward(*shape)  # compiles and warms every kernel outside the capture
+                    self._forward(*shape, with_logits)  # compiles and warms every kernel first
                     torch.cuda.synchronize(self.decoder.device)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool):
-                        logits = self._forward(*shape)
+                        logits = self._forward(*shape, with_logits)
                 pool = graph.pool()
-                self._graphs[shape] = (graph, logits)
+                self._graphs[(shape, with_logits)] = graph
+                if logits is not None:
+                    self._logits[shape] = logits
                 bar.update(1)
 
     def shape_for(self, chunks: list[Chunk]) -> Shape | None:
@@ -92,6 +103,16 @@ class StepGraphs:
     ) -> torch.Tensor:
         """Logits [len(chunks), vocab] of each chunk's last token. ``feed``: the input ids of a
         decode step's rows, already on the device (they override the staged ones)."""
+        self._replay(chunks, shape, feed, with_logits=True)
+        return self._logits[shape][: len(chunks)]
+
+    def run_without_logits(self, chunks: list[Chunk], shape: Shape) -> None:
+        """The step of a prefill shape for its KV writes only (session data)."""
+        self._replay(chunks, shape, None, with_logits=False)
+
+    def _replay(
+        self, chunks: list[Chunk], shape: Shape, feed: torch.Tensor | None, with_logits: bool
+    ) -> None:
         self._copied.synchronize()
         width = self._staging.fill(chunks, *shape)
         seqs = shape[0]
@@ -101,9 +122,7 @@ class StepGraphs:
         self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
         self._copy_tables(seqs, width)
         self._copied.record()
-        graph, logits = self._graphs[shape]
-        graph.replay()
-        return logits[: len(chunks)]
+        self._graphs[(shape, with_logits)].replay()
 
     def _copy_tables(self, seqs: int, width: int) -> None:
         """The staged block tables' first ``width`` columns to the device. Several rows cut
@@ -120,7 +139,7 @@ class StepGraphs:
         self._packed_dev[:cells].copy_(packed, non_blocking=True)
         tables[:seqs, :width].copy_(self._packed_dev[:cells].view(seqs, width))
 
-    def _forward(self, seqs: int, per_seq: int) -> torch.Tensor:
+    def _forward(self, seqs: int, per_seq: int, with_logits: bool) -> torch.Tensor | None:
         d, rows = self._dev, seqs * per_seq
         meta = AttentionMeta(
             slot_mapping=d["slots"][:rows],
@@ -132,6 +151,8 @@ class StepGraphs:
             decode_only=per_seq == 1,
         )
         hidden = self.decoder(d["ids"][:rows], d["pos"][:rows], meta, self.cache.layers)
+        if not with_logits:
+            return None
         return self.decoder.logits(hidden.index_select(0, d["last"][:seqs])).float()
 
 

@@ -73,11 +73,12 @@ class ModelRunner:
         # captured graphs give only each chunk's last row, so scoring steps run eagerly
         eager = self.graphs is None or any(ch.score for ch in chunks)
         shape = None if eager else self.graphs.shape_for(chunks)
+        if shape is not None and not params:  # session data: its KV only
+            self.graphs.run_without_logits(chunks, shape)
+            torch.cuda.synchronize(self.device)  # progress is reported for finished work only
+            return StepOutput([], None)
         if shape is not None:
             last_rows = self.graphs.run(chunks, shape)  # logits of every chunk's last token
-            if not params:
-                torch.cuda.synchronize(self.device)  # progress is reported for finished work only
-                return StepOutput([], None)
             logits = (
                 last_rows
                 if len(params) == len(chunks)
