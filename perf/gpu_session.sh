@@ -3,7 +3,7 @@
 # limit. Outputs are written under a scratch folder and packed into $OUT/session.tgz after
 # every step (the device tool returns only a few files per call, so one archive carries all).
 #
-#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe]
+#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate]
 #
 # quick (about 8 minutes): the GPU tests of the attention kernels and the decode read-back,
 # the step profile with 16- against 64-token blocks, with the sweep's best skinny GEMM configs
@@ -12,6 +12,8 @@
 # 64-token blocks (the first-token question of perf/NOTES.md). full: the stream bench with
 # its baselines and the agent bench instead of the last two. probe: the engine-level GPU
 # tests, the data step by kernel, host and 64-session traces, the 64-question tile sweep.
+# validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
+# profile, the stream bench with its baselines and the agent bench with reuse.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -31,6 +33,19 @@ step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output, prints the 
 }
 
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > "$SCRATCH/gpu.txt"
+if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benches of record
+    step gpu_tests 120 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or plan"
+    step sweep_record 90 python3 perf/prefill_sweep.py --grid long --contexts 19000,34000 \
+        --q 51,128,256 --tiles 128/64/4/2,64/64/4/2 --out "$SCRATCH/sweep_record.json"
+    step step 90 python3 perf/step_profile.py --contexts 3000,19000,34000 \
+        --out "$SCRATCH/step.json"
+    step stream_bench 300 python3 perf/stream_bench.py --repeats 8 --push-samples 50 \
+        --out "$SCRATCH/stream"
+    step agent_bench 120 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
+        --runs reuse --out "$SCRATCH/agent"
+    echo done
+    exit 0
+fi
 if [ "$MODE" = probe ]; then  # the push and 64-session questions of perf/NOTES.md
     step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py tests/test_pending_step.py
     step step 90 python3 perf/step_profile.py --contexts 19000,34000 --sessions 0 \

@@ -118,6 +118,7 @@ PREFILL_CASES = [
     ([40], [95], 4, 1, 64, 16, 30, None),
     ([10, 64, 1], [300, 200, 150], 8, 2, 64, 16, 150, 2),  # window with fully visible tiles
     ([150, 2], [160, 50], 2, 2, 64, 16, None, None),  # several query tiles per sequence
+    ([40], [300], 4, 1, 64, 16, None, None),  # bf16: two 128-row tiles in a split launch
 ]
 
 
@@ -217,6 +218,28 @@ def test_decode_splits_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert pd.choose_splits(16 * 8, 4096, cuda) == 5
     assert pd.choose_splits(8, 300, cuda) == -(-300 // pd.MIN_KEYS_PER_SPLIT)  # no tiny splits
     assert pd.choose_splits(8, 0, cuda) == 1
+
+
+def test_prefill_plan_takes_wide_tiles_only_in_split_launches(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A chunk of a few row tiles over a long context (split over keys) takes the widest tile,
+    so the KV is read by fewer tiles; a chunk whose narrower tiles fill the GPU keeps them."""
+    monkeypatch.setattr(K.paged_decode, "sm_count", lambda device: 132)
+    k_cache = torch.empty(1, 64, 8, 128, dtype=torch.bfloat16)
+
+    def plan(q_len: int, ctx: int) -> dict[str, int]:
+        q = torch.empty(q_len, 32, 128, dtype=torch.bfloat16)
+        meta = AttentionMeta(torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0),
+                             [0, q_len], [ctx], False)
+        return K.paged_prefill._plan(q, k_cache, meta)
+
+    record = plan(51, 34_000)  # 204 rows: two 128-row tiles per kv head, not four of 64
+    assert (record["block_m"], record["block_q"]) == (128, 32) and record["splits"] > 1
+    assert plan(32, 19_000)["block_m"] == 128
+    for q_len in (512, 2048):  # 64-row tiles fill the GPU without splitting
+        chunk = plan(q_len, 32_768)
+        assert chunk["block_m"] == 64 and chunk["splits"] == 1
 
 
 # ---- norms, rope, swiglu ----------------------------------------------------------------------
@@ -364,7 +387,7 @@ def _llama_batch(q_lens: list[int], ctx_lens: list[int]):
 @pytest.mark.gpu
 @pytest.mark.parametrize("window", [None, 4096])
 def test_gpu_question_over_long_contexts(window: int | None) -> None:
-    q, kc, vc, meta = _llama_batch([32, 32, 32], [2600, 19_000, 32_768])
+    q, kc, vc, meta = _llama_batch([32, 32, 32, 51], [2600, 19_000, 32_768, 34_000])
     ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, 128**-0.5, window)
     ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, window)
     assert _rel(ours, ref) < 1e-2

@@ -221,19 +221,34 @@ def _tiles(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int,
 
 
 def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[str, int]:
-    """Tile sizes, grid and split count, from host-side sizes only."""
+    """Tile sizes, grid and split count, from host-side sizes only.
+
+    Chunks of more rows than one tile take several row tiles, each of which reads the whole
+    context. When those tiles are too few to fill the GPU (a record of session data over a
+    long context: the launch is split over keys), every extra tile is another read of the
+    KV, so they take the widest tile: on an H200 at 34k keys a 51-token data step spent
+    5.9 ms in attention with four 64-row tiles per head (the question's single 128-row tile:
+    1.9 ms). Chunks whose narrower tiles fill the GPU unsplit keep them: the sweep found
+    those faster for 512 and 2048 queries (perf/prefill_sweep.py --grid long)."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
     starts = meta.query_starts_list
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
-    block_m, block_n, warps, stages = _tiles(head_dim, q.dtype, max(q_lens) * group)
+    context = max(meta.context_lens_list)
+
+    def splits_for(block_q: int) -> int:
+        real_tiles = sum(triton.cdiv(n, block_q) for n in q_lens) * num_kv_heads
+        return choose_splits(real_tiles, context, q.device, per_sm=SPLIT_PROGRAMS_PER_SM)
+
+    rows = max(q_lens) * group
+    block_m, block_n, warps, stages = _tiles(head_dim, q.dtype, rows)
+    widest = _tiles(head_dim, q.dtype, MAX_ROWS)
+    if block_m < widest[0] < rows and splits_for(block_m // group) > 1:
+        block_m, block_n, warps, stages = widest
     block_q = block_m // group
-    real_tiles = sum(triton.cdiv(n, block_q) for n in q_lens) * num_kv_heads
-    splits = choose_splits(real_tiles, max(meta.context_lens_list), q.device,
-                           per_sm=SPLIT_PROGRAMS_PER_SM)
     return dict(group=group, block_m=block_m, block_n=block_n, block_q=block_q, warps=warps,
-                stages=stages, splits=splits, tiles=q.shape[0] // block_q + len(q_lens))
+                stages=stages, splits=splits_for(block_q), tiles=q.shape[0] // block_q + len(q_lens))
 
 
 def paged_prefill_attention(
