@@ -145,34 +145,44 @@ def kernel_totals(prof: Any, steps: int) -> dict[str, float]:
     return {k: v / steps for k, v in sorted(totals.items(), key=lambda kv: -kv[1])}
 
 
-def replay_sessions(engine: Engine, sids: list[str]) -> dict[str, Any]:
-    """The engine's own decode graph replayed for its sessions (each rewrites its last token's
-    KV, the same values), back to back: the GPU time of the step without the engine around it."""
-    from torch.profiler import ProfilerActivity, profile
-
+def _session_chunks(engine: Engine, sids: list[str]) -> tuple[list[Chunk], Any]:
     worker = engine.worker
     seqs = [worker.sessions[engine.sessions[sid].slot] for sid in sids]
     chunks = [Chunk(s, s.num_computed - 1, 1, True) for s in seqs]
-    graphs = worker.runner.graphs
-    shape = graphs.shape_for(chunks)
-    times = []
+    return chunks, worker.runner.graphs.shape_for(chunks)
+
+
+def replay_ms(engine: Engine, sids: list[str], repeat: int = 20) -> float:
+    """Median GPU time of the engine's decode graph replayed for its sessions."""
+    chunks, shape = _session_chunks(engine, sids)
+    graphs = engine.worker.runner.graphs
     with torch.inference_mode():
         graphs.run(chunks, shape)
         marks = []
-        for _ in range(20):
+        for _ in range(repeat):
             begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             begin.record()
             graphs.run(chunks, shape)
             end.record()
             marks.append((begin, end))
         torch.cuda.synchronize()
-        times = [b.elapsed_time(e) for b, e in marks]
+    return statistics.median(b.elapsed_time(e) for b, e in marks[2:])
+
+
+def replay_sessions(engine: Engine, sids: list[str]) -> dict[str, Any]:
+    """The engine's own decode graph replayed for its sessions (each rewrites its last token's
+    KV, the same values), back to back: the GPU time of the step without the engine around it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    chunks, shape = _session_chunks(engine, sids)
+    graphs = engine.worker.runner.graphs
+    median = replay_ms(engine, sids)
+    with torch.inference_mode():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(5):
                 graphs.run(chunks, shape)
             torch.cuda.synchronize()
-    out = {"shape": shape, "replay_ms": statistics.median(times[2:]),
-           "kernels": kernel_totals(prof, 5)}
+    out = {"shape": shape, "replay_ms": median, "kernels": kernel_totals(prof, 5)}
     print(f"the engine's graph {shape} replayed back to back: {out['replay_ms']:.2f} ms per step")
     return out
 
@@ -202,6 +212,10 @@ async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict
         for sid in sids:
             await bench.fill(sid, args.session_context, batch=128)
         traces = []
+        if torch.cuda.is_available():  # before any round: the GPU as fresh as it gets
+            fresh = replay_ms(engine, sids)
+            print(f"the engine's decode graph replayed before the rounds: {fresh:.2f} ms")
+            traces.append({"replay_before_rounds_ms": fresh})
         for i in range(args.rounds + 1):  # the first round warms up
             trace = await round_trace(bench, sids, args.answer)
             if i:
@@ -212,6 +226,12 @@ async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict
             round_ = await profiled_round(bench, sids, args.answer)
             print_kernels(replay["kernels"], round_)
             traces.append({"replay": replay, "round_kernels": round_})
+            if args.noise_kv:
+                with torch.inference_mode():
+                    engine.worker.kv.cache.storage.normal_()
+                noise = replay_ms(engine, sids)
+                print(f"the same graph over normal(0, 1) KV (as step_profile's): {noise:.2f} ms")
+                traces.append({"replay_noise_kv_ms": noise})
         return traces
     finally:
         await engine.stop(5.0)
@@ -225,6 +245,9 @@ def main() -> int:
     p.add_argument("--answer", type=int, default=32)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
+    p.add_argument("--noise-kv", action="store_true",
+                   help="at the end, replay the decode graph again over random-normal KV (the "
+                   "step profile's), to tell the KV's values apart from its layout")
     p.add_argument("--out", default="")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
