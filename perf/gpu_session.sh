@@ -5,13 +5,12 @@
 #
 #   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate]
 #
-# quick (about 8 minutes): the GPU tests of the attention kernels and the decode read-back,
-# the step profile with 16- against 64-token blocks, with the sweep's best skinny GEMM configs
-# from 2 rows up against the default rule, and by kernel without PDL, the host's
-# share of a question (host_trace.py), the stream bench without baselines with 16- and with
-# 64-token blocks (the first-token question of perf/NOTES.md). full: the stream bench with
-# its baselines and the agent bench instead of the last two. probe: the engine-level GPU
-# tests, the data step by kernel, host and 64-session traces, the 64-question tile sweep.
+# quick (about 6 minutes): the GPU tests of the attention kernels and the decode read-back,
+# the step profile (with decode batch sizes, and by kernel without PDL), the host's share of
+# a question (host_trace.py), the stream bench without baselines. full: the stream bench with
+# its baselines and the agent bench instead of the last one. probe: the engine's 64-session
+# decode graph over its own KV and over random KV, against step_profile's 64 sequences by
+# kernel in the same call; the host trace; the stream bench without baselines.
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
 # profile, the stream bench with its baselines and the agent bench with reuse.
 set -u
@@ -46,33 +45,22 @@ if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benc
     echo done
     exit 0
 fi
-if [ "$MODE" = probe ]; then  # the push and 64-session questions of perf/NOTES.md
-    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py tests/test_pending_step.py
-    step step 90 python3 perf/step_profile.py --contexts 19000,34000 --sessions 0 \
-        --out "$SCRATCH/step.json"
-    step step_kernels 90 python3 perf/step_profile.py --no-pdl --kernels --contexts 34000 \
-        --sessions 0 --out "$SCRATCH/step_kernels.json"
+if [ "$MODE" = probe ]; then  # the 64-session decode attention lead of perf/NOTES.md
+    step sessions_trace 150 python3 perf/sessions_trace.py --rounds 1 --noise-kv \
+        --out "$SCRATCH/sessions_trace.json"
+    step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
+        --out "$SCRATCH/step_kernels.json"
     step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000 --questions 30 \
         --out "$SCRATCH"
-    step sessions_trace 150 python3 perf/sessions_trace.py --out "$SCRATCH/sessions_trace.json"
-    step sweep_64q 120 python3 perf/prefill_sweep.py --grid long --contexts 4096 --q 32 \
-        --seqs 64 --tma --tiles 128/64/4/2,128/64/4/3,128/64/8/2,128/64/8/3,64/64/4/2,64/64/4/3,64/64/8/2 \
-        --out "$SCRATCH/sweep_64q.json"
     step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
         --push-samples 50 --out "$SCRATCH/stream"
     echo done
     exit 0
 fi
 step gpu_tests 150 python3 -m pytest -q tests/test_pending_step.py \
-    tests/test_triton_kernels.py -k "gpu or collect"
-step step_16 90 python3 perf/step_profile.py --contexts 3000,19000 --block-size 16 \
-    --out "$SCRATCH/step_16.json"
-step step_64 90 python3 perf/step_profile.py --contexts 3000,19000 --decode-batches 1,8,32,64 \
-    --out "$SCRATCH/step_64.json"
-step step_gemm_swept 90 python3 perf/step_profile.py --contexts 3000,19000 \
-    --decode-batches 1,8,32,64 --gemm-configs-rows 2 \
-    --gemm-configs perf/results/2026-12-02-nvidia-h200-skinny-gemm-754c94a.json \
-    --out "$SCRATCH/step_gemm_swept.json"
+    tests/test_triton_kernels.py -k "gpu or collect or plan"
+step step 90 python3 perf/step_profile.py --contexts 3000,19000,34000 --decode-batches 1,8,32,64 \
+    --out "$SCRATCH/step.json"
 step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
     --out "$SCRATCH/step_kernels.json"
 step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000 --questions 30 \
@@ -83,9 +71,7 @@ if [ "$MODE" = full ]; then
     step agent_bench 240 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
         --runs reuse,no_reuse --out "$SCRATCH/agent"
 else
-    step stream_16 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 50 --block-size 16 --out "$SCRATCH/stream_16"
-    step stream_64 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 50 --out "$SCRATCH/stream_64"
+    step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 50 --out "$SCRATCH/stream"
 fi
 echo done
