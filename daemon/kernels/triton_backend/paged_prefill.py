@@ -15,8 +15,8 @@ each program takes one of several key splits and a second kernel merges them.
 
 ``paged_prefill_attention_tma`` is the same kernel loading each key tile with one TMA
 descriptor copy instead of pointer gathers, for KV blocks of exactly one tile (``tma.PAGE``
-tokens). It is a candidate the policy must prefer, pending an H200 comparison
-(perf/tma_probe.py measures the loads alone).
+tokens); it does so in unsplit launches only (see its docstring), and is bound first where
+it is admitted.
 """
 
 from __future__ import annotations

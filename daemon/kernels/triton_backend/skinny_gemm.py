@@ -120,7 +120,11 @@ class SkinnyConfig:
 
 def default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
                    dtype_bytes: int = 2) -> SkinnyConfig:
-    """A reasoned (not yet measured) starting point for an H200-class GPU.
+    """The split rule that measured best inside the captured H200 step (perf/NOTES.md): a
+    one-wave rule (fewer splits, five stages) took decode at 19k from 4.98 to 5.44 ms, and the
+    isolated sweep's best config per shape from 4.51 / 5.06 to 4.67 / 5.21 ms at 3k / 19k,
+    though both won in isolation: with PDL, a grid that fills every SM lets the next kernel's
+    programs start sooner.
 
     16-bit: 64 x 128 weight tiles (16 KiB per stage) four stages deep keep about 64 KiB of the
     weight in flight per program. K is split (in powers of two, into whole tiles of at least
