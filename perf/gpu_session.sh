@@ -10,7 +10,8 @@
 # a question (host_trace.py), the stream bench without baselines. full: the stream bench with
 # its baselines and the agent bench instead of the last one. probe: the engine's 64-session
 # decode graph over its own KV and over random KV, against step_profile's 64 sequences by
-# kernel in the same call; the host trace; the stream bench without baselines.
+# kernel in the same call; the attention kernel's deferred rescaling on and off at the
+# question, record, 64-question and ingest shapes; the stream bench without baselines.
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
 # profile, the stream bench with its baselines and the agent bench with reuse.
 set -u
@@ -50,8 +51,11 @@ if [ "$MODE" = probe ]; then  # the 64-session decode attention lead of perf/NOT
         --out "$SCRATCH/sessions_trace.json"
     step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
         --out "$SCRATCH/step_kernels.json"
-    step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000 --questions 30 \
-        --out "$SCRATCH"
+    step ab_lazy 120 bash -c "python3 perf/prefill_sweep.py --ab-lazy --contexts 19000,34000 \
+        --q 32,51 --out $SCRATCH/ab_lazy_short.json && python3 perf/prefill_sweep.py --ab-lazy \
+        --tma --contexts 4096 --q 32 --seqs 64 --out $SCRATCH/ab_lazy_64q.json && \
+        python3 perf/prefill_sweep.py --ab-lazy --tma --contexts 8000,32000 --q 4096 \
+        --out $SCRATCH/ab_lazy_long.json"
     step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
         --push-samples 50 --out "$SCRATCH/stream"
     echo done

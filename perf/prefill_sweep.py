@@ -8,6 +8,9 @@ choose `_tiles` and the split count from data: a short question over a long cont
 
 --seqs N: N sequences alike (many sessions asking at once); --tma: the TMA candidate over
 64-token pages (it loads by TMA in unsplit launches only, with BLOCK_N = the page).
+--ab-lazy: no sweep; the kernel's own plan with its deferred rescaling on and off, alternated.
+
+    python perf/prefill_sweep.py --ab-lazy --contexts 19000,34000 --q 32,51
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ def main() -> int:
                    "e.g. 64/64/4/2,128/32/4/2")
     p.add_argument("--seqs", type=int, default=1, help="sequences of this shape in the batch")
     p.add_argument("--tma", action="store_true", help="the TMA candidate, 64-token pages")
+    p.add_argument("--ab-lazy", action="store_true",
+                   help="only the plan's tiles, with deferred rescaling on and off")
     p.add_argument("--out", default="")
     args = p.parse_args()
     kernel = (paged_prefill.paged_prefill_attention_tma if args.tma
@@ -50,6 +55,8 @@ def main() -> int:
     tiles_grid, splits_grid = (TILES, SPLITS) if args.grid == "short" else (LONG_TILES, (0,))
     if args.tiles:
         tiles_grid = [tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")]
+    if args.ab_lazy:
+        tiles_grid = []
     shapes = [(int(c), int(q)) for c in args.contexts.split(",") for q in args.q.split(",")]
     for ctx, q_len in shapes:
         inputs = paged_batch([q_len] * args.seqs, [ctx] * args.seqs, page)
@@ -62,6 +69,9 @@ def main() -> int:
         visible *= args.seqs
         flop_us = 4 * visible * HQ * D / PEAK_FLOPS * 1e6
         floor_us = max(kv_us, flop_us)
+        if args.ab_lazy:
+            rows.extend(_ab_lazy(attend, ctx, q_len, args.seqs, floor_us))
+            continue
         best = None
         for tiles in tiles_grid:
             paged_prefill._tiles = lambda head_dim, dtype, rows, t=tiles: t  # noqa: E731
@@ -90,6 +100,22 @@ def main() -> int:
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0
+
+
+def _ab_lazy(attend, ctx: int, q_len: int, seqs: int, floor_us: float) -> list[dict]:
+    """The plan's launch with deferred rescaling on and off, alternated twice (drift-fair)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    try:
+        for lazy in (True, False, False, True):
+            paged_prefill.LAZY_RESCALE = lazy
+            times[lazy].append(1e3 * graph_ms(lambda: attend(None)))
+    finally:
+        paged_prefill.LAZY_RESCALE = True
+    on, off = min(times[True]), min(times[False])
+    print(f"ctx {ctx} q {q_len} x{seqs}: deferred rescale {on:.1f} us, every tile {off:.1f} us "
+          f"({off / on:.3f}x); floor {floor_us:.1f} us", flush=True)
+    return [{"context": ctx, "q": q_len, "seqs": seqs, "lazy": lazy, "us": min(times[lazy])}
+            for lazy in (True, False)]
 
 
 if __name__ == "__main__":

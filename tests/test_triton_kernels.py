@@ -148,6 +148,25 @@ def test_prefill_attention_with_tma_loads_matches_reference(case: tuple, dtype: 
                        dtype)
 
 
+
+@pytest.mark.parametrize("lazy", [True, False])
+@pytest.mark.parametrize("splits", [1, 3])
+def test_prefill_rescales_when_later_keys_dominate(
+    lazy: bool, splits: int, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Keys of the later blocks score far above the earlier ones, so a row's maximum grows
+    past the deferred rescale's threshold mid-walk: the rescaling branch runs there, and is
+    skipped on the tiles around it."""
+    monkeypatch.setattr(K.paged_prefill, "LAZY_RESCALE", lazy)
+    q_lens, ctx_lens = [8, 3], [200, 150]
+    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32)
+    for b, ctx in enumerate(ctx_lens):
+        later = meta.block_tables[b, ctx // 16 // 2:-(-ctx // 16)].long()
+        kc[later] *= 8.0
+    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, 64**-0.5, None, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 64**-0.5, None)
+    assert _rel(ours, ref) < TOL[torch.float32]
+
 def test_tma_variants_refuse_other_block_sizes() -> None:
     q, kc, vc, meta = _paged_batch([1], [20], 4, 4, 64, 16, torch.float32)
     for variant in (K.paged_prefill.paged_prefill_attention_tma,

@@ -41,6 +41,8 @@ from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
 SPLIT_PROGRAMS_PER_SM = 2
 MAX_ROWS = 128
+LAZY_RESCALE = True  # defer the online softmax's rescaling on fully visible tiles
+RESCALE_LOG2 = tl.constexpr(8.0)  # how far (log2) a row's maximum may outgrow its reference
 
 
 @triton.jit
@@ -92,9 +94,10 @@ def _attend_tiles(
     k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
     scale_log2, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):
-    """Online softmax over key tiles [t_start, t_end); MASKED applies causal/window/length."""
+    """Online softmax over key tiles [t_start, t_end); MASKED applies causal/window/length;
+    LAZY defers rescaling on unmasked tiles (``_lazy_update``)."""
     for t in range(t_start, t_end):
         keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head, stride_kb,
@@ -105,15 +108,38 @@ def _attend_tiles(
             if HAS_WINDOW:
                 ok = ok & (keys[None, :] > q_pos[:, None] - window)
             s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_ref = m_new
-        if MASKED:  # a row that sees no key yet keeps max -inf; exponentiate against 0
-            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_ref[:, None])
-        alpha = tl.exp2(m_i - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+        if LAZY and not MASKED:
+            acc, m_i, l_i = _lazy_update(acc, m_i, l_i, s, v, UPCAST, PRECISION)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_ref = m_new
+            if MASKED:  # a row that sees no key yet keeps max -inf; exponentiate against 0
+                m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_ref[:, None])
+            alpha = tl.exp2(m_i - m_ref)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST, PRECISION)
+            m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _lazy_update(acc, m_i, l_i, s, v, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """One fully visible key tile, rescaling acc and l only when some row's maximum grew by
+    more than RESCALE_LOG2: otherwise the stale maximum stays the reference, so p may reach
+    2^RESCALE_LOG2 (safe in fp32 sums and in bf16), and acc, l and m stay consistent, which is
+    all the final division (or the split merge) needs. It saves the [rows, head_dim] multiply
+    and the alpha exponentials on most tiles, CUDA-core work beside the MMAs."""
+    m_tile = tl.max(s, 1)
+    if tl.max(m_tile - m_i, 0) > RESCALE_LOG2:  # always on a row's first tile (m_i = -inf)
+        m_new = tl.maximum(m_i, m_tile)
+        alpha = tl.exp2(m_i - m_new)
+        acc = acc * alpha[:, None]
+        l_i = l_i * alpha
         m_i = m_new
+    p = tl.exp2(s - m_i[:, None])
+    l_i += tl.sum(p, 1)
+    acc = mma(p.to(v.dtype), v, acc, UPCAST, PRECISION)
     return acc, m_i, l_i
 
 
@@ -126,7 +152,7 @@ def _prefill_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr,
+    PRECISION: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     tile = tl.program_id(0)
@@ -180,15 +206,15 @@ def _prefill_kernel(
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, s_lo, tl.minimum(s_hi, f_lo), ctx, window,
         k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
-        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA)
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, tl.maximum(s_lo, f_lo), tl.minimum(s_hi, f_hi), ctx, window,
         k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
-        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, UPCAST, PRECISION, TMA)
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, tl.maximum(s_lo, f_hi), s_hi, ctx, window,
         k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
-        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA)
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY)
 
     num_heads = tl.num_programs(1) * GROUP
     if SPLIT:
@@ -314,7 +340,7 @@ def _attend(
         GROUP=plan["group"], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma,
+        num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma, LAZY=LAZY_RESCALE,
         **pdl.launch_args(q.device),
     )
     if splits > 1:
