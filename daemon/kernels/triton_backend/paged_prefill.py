@@ -102,15 +102,16 @@ def _attend_tiles(
         keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
         k, v = _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head, stride_kb,
                         stride_ks, stride_kh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, TMA)
-        s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
-        if MASKED:
-            ok = (keys[None, :] <= q_pos[:, None]) & (keys < ctx)[None, :]
-            if HAS_WINDOW:
-                ok = ok & (keys[None, :] > q_pos[:, None] - window)
-            s = tl.where(ok, s, float("-inf"))
+        s = mma(q, k, None, UPCAST, PRECISION)
         if LAZY and not MASKED:
-            acc, m_i, l_i = _lazy_update(acc, m_i, l_i, s, v, UPCAST, PRECISION)
+            acc, m_i, l_i = _lazy_update(acc, m_i, l_i, s, v, scale_log2, UPCAST, PRECISION)
         else:
+            s *= scale_log2
+            if MASKED:
+                ok = (keys[None, :] <= q_pos[:, None]) & (keys < ctx)[None, :]
+                if HAS_WINDOW:
+                    ok = ok & (keys[None, :] > q_pos[:, None] - window)
+                s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_ref = m_new
             if MASKED:  # a row that sees no key yet keeps max -inf; exponentiate against 0
@@ -124,20 +125,22 @@ def _attend_tiles(
 
 
 @triton.jit
-def _lazy_update(acc, m_i, l_i, s, v, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
-    """One fully visible key tile, rescaling acc and l only when some row's maximum grew by
-    more than RESCALE_LOG2: otherwise the stale maximum stays the reference, so p may reach
-    2^RESCALE_LOG2 (safe in fp32 sums and in bf16), and acc, l and m stay consistent, which is
-    all the final division (or the split merge) needs. It saves the [rows, head_dim] multiply
-    and the alpha exponentials on most tiles, CUDA-core work beside the MMAs."""
-    m_tile = tl.max(s, 1)
+def _lazy_update(acc, m_i, l_i, s, v, scale_log2, UPCAST: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """One fully visible key tile of raw scores s, rescaling acc and l only when some row's
+    maximum grew by more than RESCALE_LOG2: otherwise the stale maximum stays the reference, so
+    p may reach 2^RESCALE_LOG2 (safe in fp32 sums and in bf16), and acc, l and m stay
+    consistent, which is all the final division (or the split merge) needs. It saves the
+    [rows, head_dim] multiply and the alpha exponentials on most tiles, CUDA-core work beside
+    the MMAs; the score scale folds into the exponent's argument (one fused multiply-add)."""
+    m_tile = tl.max(s, 1) * scale_log2  # scale_log2 > 0: the maximum of the scaled scores
     if tl.max(m_tile - m_i, 0) > RESCALE_LOG2:  # always on a row's first tile (m_i = -inf)
         m_new = tl.maximum(m_i, m_tile)
         alpha = tl.exp2(m_i - m_new)
         acc = acc * alpha[:, None]
         l_i = l_i * alpha
         m_i = m_new
-    p = tl.exp2(s - m_i[:, None])
+    p = tl.exp2(s * scale_log2 - m_i[:, None])
     l_i += tl.sum(p, 1)
     acc = mma(p.to(v.dtype), v, acc, UPCAST, PRECISION)
     return acc, m_i, l_i
