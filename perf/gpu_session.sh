@@ -10,8 +10,8 @@
 # a question (host_trace.py), the stream bench without baselines. full: the stream bench with
 # its baselines and the agent bench instead of the last one. probe: the engine's 64-session
 # decode graph over its own KV and over random KV, against step_profile's 64 sequences by
-# kernel in the same call; the attention kernel's deferred rescaling on and off at the
-# question, record, 64-question and ingest shapes; the stream bench without baselines.
+# kernel in the same call, and over its KV copied into ascending blocks; the attention
+# kernel's deferred rescaling on and off for 64 questions; the stream bench without baselines.
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
 # profile, the stream bench with its baselines and the agent bench with reuse.
 set -u
@@ -47,15 +47,13 @@ if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benc
     exit 0
 fi
 if [ "$MODE" = probe ]; then  # the 64-session decode attention lead of perf/NOTES.md
-    step sessions_trace 150 python3 perf/sessions_trace.py --rounds 1 --noise-kv \
+    step gpu_tests 120 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or rescal or tma"
+    step sessions_trace 180 python3 perf/sessions_trace.py --rounds 1 --relayout --noise-kv \
         --out "$SCRATCH/sessions_trace.json"
     step step_kernels 120 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
         --out "$SCRATCH/step_kernels.json"
-    step ab_lazy 120 bash -c "python3 perf/prefill_sweep.py --ab-lazy --contexts 19000,34000 \
-        --q 32,51 --out $SCRATCH/ab_lazy_short.json && python3 perf/prefill_sweep.py --ab-lazy \
-        --tma --contexts 4096 --q 32 --seqs 64 --out $SCRATCH/ab_lazy_64q.json && \
-        python3 perf/prefill_sweep.py --ab-lazy --tma --contexts 8000,32000 --q 4096 \
-        --out $SCRATCH/ab_lazy_long.json"
+    step ab_lazy 60 python3 perf/prefill_sweep.py --ab-lazy --tma --contexts 4096 --q 32 \
+        --seqs 64 --out "$SCRATCH/ab_lazy_64q.json"
     step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
         --push-samples 50 --out "$SCRATCH/stream"
     echo done

@@ -169,6 +169,53 @@ def replay_ms(engine: Engine, sids: list[str], repeat: int = 20) -> float:
     return statistics.median(b.elapsed_time(e) for b, e in marks[2:])
 
 
+
+def table_layout(engine: Engine, sids: list[str]) -> dict[str, Any]:
+    """How the sessions' block tables run: steps of +1 (ascending), -1, other; id range."""
+    chunks, _ = _session_chunks(engine, sids)
+    steps = {"up": 0, "down": 0, "jump": 0}
+    ids = [b for c in chunks for b in c.seq.block_table]
+    for c in chunks:
+        table = c.seq.block_table
+        for a, b in zip(table[:-1], table[1:], strict=True):
+            steps["up" if b == a + 1 else "down" if b == a - 1 else "jump"] += 1
+    out = {**steps, "min_id": min(ids), "max_id": max(ids),
+           "pool_blocks": engine.worker.kv.pool.num_blocks, "first_table": chunks[0].seq.block_table[:8]}
+    print(f"session tables: {out}")
+    return out
+
+
+def replay_compacted(engine: Engine, sids: list[str]) -> float | None:
+    """The decode graph replayed after copying every session's KV into fresh blocks taken in
+    ascending order, one session after another (step_profile's layout); tables restored after."""
+    chunks, _ = _session_chunks(engine, sids)
+    kv = engine.worker.kv
+    need = sum(len(c.seq.block_table) for c in chunks)
+    if kv.pool.num_free < need:
+        print(f"compacted replay skipped: {need} blocks needed, {kv.pool.num_free} free")
+        return None
+    fresh = sorted(kv.pool.allocate(need))
+    saved, used = [], 0
+    with torch.inference_mode():
+        for c in chunks:
+            table = c.seq.block_table
+            mine = fresh[used:used + len(table)]
+            used += len(table)
+            kv.cache.copy_blocks(list(zip(table, mine, strict=True)))
+            saved.append(table)
+            c.seq.block_table = mine
+            c.seq.table_version += 1
+        torch.cuda.synchronize()
+        try:
+            ms = replay_ms(engine, sids)
+        finally:
+            for c, table in zip(chunks, saved, strict=True):
+                c.seq.block_table = table
+                c.seq.table_version += 1
+            kv.pool.release(fresh)
+    print(f"the same graph over the sessions' KV copied into ascending blocks: {ms:.2f} ms")
+    return ms
+
 def replay_sessions(engine: Engine, sids: list[str]) -> dict[str, Any]:
     """The engine's own decode graph replayed for its sessions (each rewrites its last token's
     KV, the same values), back to back: the GPU time of the step without the engine around it."""
@@ -226,6 +273,9 @@ async def run(config: Config, model: Any, args: argparse.Namespace) -> list[dict
             round_ = await profiled_round(bench, sids, args.answer)
             print_kernels(replay["kernels"], round_)
             traces.append({"replay": replay, "round_kernels": round_})
+            traces.append({"layout": table_layout(engine, sids)})
+            if args.relayout:
+                traces.append({"replay_compacted_ms": replay_compacted(engine, sids)})
             if args.noise_kv:
                 with torch.inference_mode():
                     engine.worker.kv.cache.storage.normal_()
@@ -248,11 +298,15 @@ def main() -> int:
     p.add_argument("--noise-kv", action="store_true",
                    help="at the end, replay the decode graph again over random-normal KV (the "
                    "step profile's), to tell the KV's values apart from its layout")
+    p.add_argument("--relayout", action="store_true",
+                   help="also replay with the sessions' KV copied into ascending fresh blocks "
+                   "(a pool twice as large)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     cuda = torch.cuda.is_available()
     config = Config(model=args.model, device="cuda" if cuda else "cpu",
-                    dtype="bfloat16" if cuda else "float32", kv_cache_tokens=360_000,
+                    dtype="bfloat16" if cuda else "float32",
+                    kv_cache_tokens=720_000 if args.relayout else 360_000,
                     kernel_policy=args.kernel_policy if cuda else "")
     _, model = bind_and_load(config, progress=False)
     model = dataclasses.replace(model, eos_ids=frozenset())  # always generate the asked tokens

@@ -155,8 +155,7 @@ def test_prefill_rescales_when_later_keys_dominate(
     lazy: bool, splits: int, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Keys of the later blocks score far above the earlier ones, so a row's maximum grows
-    past the deferred rescale's threshold mid-walk: the rescaling branch runs there, and is
-    skipped on the tiles around it."""
+    by far mid-walk (pointer-loaded launches, which rescale on every tile)."""
     monkeypatch.setattr(K.paged_prefill, "LAZY_RESCALE", lazy)
     q_lens, ctx_lens = [8, 3], [200, 150]
     q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32)
@@ -166,6 +165,30 @@ def test_prefill_rescales_when_later_keys_dominate(
     ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, meta, 64**-0.5, None, splits)
     ref = torch_ref.paged_attention(q, kc, vc, meta, 64**-0.5, None)
     assert _rel(ours, ref) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("lazy", [True, False])
+def test_tma_prefill_defers_rescaling_correctly(lazy: bool, monkeypatch: pytest.MonkeyPatch,
+                                                ) -> None:
+    """The deferred rescale's own launch (TMA loads, 128-row tiles: 32 queries x 4 heads).
+    Keys past the third block are one shared direction (plus noise), scoring about 4 sigma
+    times a row's alignment with it: rows well aligned see their maximum jump mid-walk (the
+    rescaling branch), and the softmax over those keys stays flat, not a few-key spike that
+    bf16 rounding would dominate."""
+    monkeypatch.setattr(K.paged_prefill, "LAZY_RESCALE", lazy)
+    torch.manual_seed(3)  # bf16 in the interpreter (truncating casts) sits near the bound
+    q_lens, ctx_lens = [32, 20], [400, 330]
+    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, 8, 2, 64, 64, torch.bfloat16)
+    assert K.paged_prefill._plan(q, kc, meta)["block_m"] == 128
+    direction = torch.nn.functional.normalize(torch.randn(64, device=kc.device), dim=0)
+    for b, ctx in enumerate(ctx_lens):
+        later = kc[meta.block_tables[b, 3:-(-ctx // 64)].long()]
+        shared = 32.0 * direction + 0.5 * torch.randn(later.shape, device=kc.device)
+        kc[meta.block_tables[b, 3:-(-ctx // 64)].long()] = torch.where(
+            later.isnan(), later, shared.to(kc.dtype))
+    ours = K.paged_prefill.paged_prefill_attention_tma(q, kc, vc, meta, 64**-0.5, None, 1)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 64**-0.5, None)
+    assert _rel(ours, ref) < TOL[torch.bfloat16]
 
 def test_tma_variants_refuse_other_block_sizes() -> None:
     q, kc, vc, meta = _paged_batch([1], [20], 4, 4, 64, 16, torch.float32)

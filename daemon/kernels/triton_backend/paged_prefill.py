@@ -41,7 +41,7 @@ from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
 SPLIT_PROGRAMS_PER_SM = 2
 MAX_ROWS = 128
-LAZY_RESCALE = True  # defer the online softmax's rescaling on fully visible tiles
+LAZY_RESCALE = True  # defer the online softmax's rescaling where it measured faster
 RESCALE_LOG2 = tl.constexpr(8.0)  # how far (log2) a row's maximum may outgrow its reference
 
 
@@ -280,6 +280,15 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[s
                 stages=stages, splits=splits_for(block_q), tiles=q.shape[0] // block_q + len(q_lens))
 
 
+def _defers_rescale(block_m: int, use_tma: bool) -> bool:
+    """Deferred rescaling (``_lazy_update``) only for TMA-loaded 128-row tiles, where it
+    measured faster. H200, ``perf/prefill_sweep.py --ab-lazy``: 64 questions of 32 tokens
+    over 4k keys 411 against 443 us; but a 32-token question over 19k / 34k keys (a split,
+    pointer-loaded launch) 63.5 / 88.7 against 48.6 / 69.6 us, and a 4096-token chunk (64-row
+    TMA tiles) over 8k / 32k keys 1078 / 5403 against 1017 / 4968 us."""
+    return LAZY_RESCALE and use_tma and block_m == MAX_ROWS
+
+
 def paged_prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -343,7 +352,8 @@ def _attend(
         GROUP=plan["group"], HEAD_DIM=head_dim, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma, LAZY=LAZY_RESCALE,
+        num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma,
+        LAZY=_defers_rescale(plan["block_m"], use_tma),
         **pdl.launch_args(q.device),
     )
     if splits > 1:
