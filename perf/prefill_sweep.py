@@ -8,7 +8,7 @@ choose `_tiles` and the split count from data: a short question over a long cont
 
 --seqs N: N sequences alike (many sessions asking at once); --tma: the TMA candidate over
 64-token pages (it loads by TMA in unsplit launches only, with BLOCK_N = the page).
---ab-lazy: no sweep; the kernel's own plan with its deferred rescaling on and off, alternated.
+--ab-lazy: no sweep; the kernel's own plan with deferred rescaling forced on and off, alternated.
 
     python perf/prefill_sweep.py --ab-lazy --contexts 19000,34000 --q 32,51
 """
@@ -103,14 +103,16 @@ def main() -> int:
 
 
 def _ab_lazy(attend, ctx: int, q_len: int, seqs: int, floor_us: float) -> list[dict]:
-    """The plan's launch with deferred rescaling on and off, alternated twice (drift-fair)."""
+    """The plan's launch with deferred rescaling forced on and off (whatever
+    ``_defers_rescale`` would choose for it), alternated twice (drift-fair)."""
     times: dict[bool, list[float]] = {True: [], False: []}
+    rule = paged_prefill._defers_rescale
     try:
         for lazy in (True, False, False, True):
-            paged_prefill.LAZY_RESCALE = lazy
+            paged_prefill._defers_rescale = lambda block_m, use_tma, on=lazy: on
             times[lazy].append(1e3 * graph_ms(lambda: attend(None)))
     finally:
-        paged_prefill.LAZY_RESCALE = True
+        paged_prefill._defers_rescale = rule
     on, off = min(times[True]), min(times[False])
     print(f"ctx {ctx} q {q_len} x{seqs}: deferred rescale {on:.1f} us, every tile {off:.1f} us "
           f"({off / on:.3f}x); floor {floor_us:.1f} us", flush=True)

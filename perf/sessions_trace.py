@@ -169,7 +169,6 @@ def replay_ms(engine: Engine, sids: list[str], repeat: int = 20) -> float:
     return statistics.median(b.elapsed_time(e) for b, e in marks[2:])
 
 
-
 def table_layout(engine: Engine, sids: list[str]) -> dict[str, Any]:
     """How the sessions' block tables run: steps of +1 (ascending), -1, other; id range."""
     chunks, _ = _session_chunks(engine, sids)
@@ -215,6 +214,7 @@ def replay_compacted(engine: Engine, sids: list[str]) -> float | None:
             kv.pool.release(fresh)
     print(f"the same graph over the sessions' KV copied into ascending blocks: {ms:.2f} ms")
     return ms
+
 
 def replay_sessions(engine: Engine, sids: list[str]) -> dict[str, Any]:
     """The engine's own decode graph replayed for its sessions (each rewrites its last token's
