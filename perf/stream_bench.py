@@ -73,18 +73,26 @@ class Bench:
             await asyncio.sleep(0.0002)
 
     async def fill(self, sid: str, target_tokens: int, batch: int = 256) -> tuple[int, float]:
-        """Pushes records until the context holds target_tokens; returns (tokens, seconds)."""
+        """Pushes records until the context holds target_tokens (passing it by less than one
+        record); returns (tokens, seconds). Each push is sized from the tokens per record seen
+        so far, starting from one record, so the context lands on the target rather than a
+        batch past it."""
         session = self.engine.sessions[sid]
         before = session.context_tokens
-        per_record = 40.0  # tokens per record, refined after each push
+        per_record: float | None = None
         start = time.perf_counter()
         while session.context_tokens < target_tokens:
-            count = max(1, min(batch, int((target_tokens - session.context_tokens) / per_record)))
+            left = target_tokens - session.context_tokens
+            # 90% of the estimate: records vary in length, and the last pushes close in one by one
+            count = 1 if per_record is None else max(1, min(batch, int(0.9 * left / per_record)))
             rows = [record(self.next_record + i) for i in range(count)]
             self.next_record += count
             grown = session.context_tokens
             await self.engine.push(sid, rows)
-            per_record = max(1.0, (session.context_tokens - grown) / count)
+            if session.context_tokens <= grown:
+                raise RuntimeError(f"session {sid} stopped growing at {grown} tokens "
+                                   f"(its window is below the {target_tokens}-token target)")
+            per_record = (session.context_tokens - grown) / count
         await self.wait_ingested(sid)
         return session.context_tokens - before, time.perf_counter() - start
 
@@ -177,7 +185,8 @@ async def many_sessions(bench: Bench, args: argparse.Namespace) -> dict:
     results = await asyncio.gather(*(bench.ask(sid, args.session_answer) for sid in sids))
     wall = time.perf_counter() - start
     firsts = [r[0] for r in results]
-    return {"sessions": len(sids), "context_tokens": args.session_context,
+    contexts = [bench.engine.sessions[sid].context_tokens for sid in sids]
+    return {"sessions": len(sids), "context_tokens": round(statistics.mean(contexts)),
             "answer_tokens_per_s": sum(r[2] for r in results) / wall,
             "first_token_ms": {"median": statistics.median(firsts), "p99": pct(firsts, 0.99)}}
 
