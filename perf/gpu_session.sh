@@ -3,7 +3,7 @@
 # limit. Outputs are written under a scratch folder and packed into $OUT/session.tgz after
 # every step (the device tool returns only a few files per call, so one archive carries all).
 #
-#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate|prefetch]
+#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate|host]
 #
 # quick (about 6 minutes): the GPU tests of the attention kernels and the decode read-back,
 # the step profile (with decode batch sizes, and by kernel without PDL), the host's share of
@@ -13,8 +13,8 @@
 # kernel in the same call, and over its KV copied into ascending blocks; the attention
 # kernel's deferred rescaling on and off for 64 questions; the stream bench without baselines.
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
-# profile, the stream bench with its baselines and the agent bench with reuse. prefetch: the
-# skinny GEMM's GPU tests, perf/prefetch_ab.py, the stream bench without baselines.
+# profile, the stream bench with its baselines and the agent bench with reuse. host:
+# host_trace.py at three contexts and the stream bench without baselines.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -47,13 +47,11 @@ if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benc
     echo done
     exit 0
 fi
-if [ "$MODE" = prefetch ]; then  # the skinny GEMM's weight prefetch: its tests and its A/B
-    step gpu_tests 150 python3 -m pytest -q tests/test_triton_skinny_gemm.py tests/test_pdl.py \
-        -k "gpu or pdl"
-    step prefetch_ab 240 python3 perf/prefetch_ab.py --contexts 3000,19000,34000 \
-        --out "$SCRATCH/prefetch_ab.json"
+if [ "$MODE" = host ]; then  # the host's share of a question and of a pushed record
+    step host_trace 200 python3 perf/host_trace.py --contexts 3000,19000,32000 --questions 30 \
+        --out "$SCRATCH"
     step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 50 --out "$SCRATCH/stream"
+        --push-samples 100 --out "$SCRATCH/stream"
     echo done
     exit 0
 fi

@@ -42,18 +42,24 @@ from livelm.protocol.messages import GenerateRequest  # noqa: E402
 
 STAGES = [
     (Engine, "generate", "generate"),
+    (Engine, "push", "push"),
+    (Engine, "_write_records", "write_records"),
     (Worker, "_take_commands", "take_commands"),
     (Worker, "_take_records", "take_records"),
     (Worker, "_start_queries", "start_queries"),
     (Worker, "_fork", "fork"),
     (KVCache, "copy_blocks", "copy_blocks"),
+    (KVCache, "copy_block", "copy_block"),
     (Scheduler, "plan", "plan"),
     (Worker, "_step", "step"),
     (KVManager, "prepare_write", "prepare_write"),
     (runner_module, "sampling_batch", "sampling_batch"),
     (StepStaging, "fill", "graph_fill"),
     (StepGraphs, "_replay", "graph_launch"),
+    (StepGraphs, "_copy_tables", "copy_tables"),
+    (torch.cuda.CUDAGraph, "replay", "graph_replay_call"),
     (ModelRunner, "run", "runner_run"),
+    (Worker, "_apply_step", "apply_step"),
     (Worker, "_on_token", "on_token"),
     (TextTracker, "update", "detok"),
     (Worker, "_flush", "flush"),
@@ -65,6 +71,17 @@ class Trace:
     def __init__(self) -> None:
         self.marks: list[tuple[str, float, float]] = []
         self.gpu: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        self.origin: torch.cuda.Event | None = None  # recorded when a traced request starts
+
+    def start(self) -> float:
+        """Clears the marks; on the GPU, records the origin of the GPU timeline (the GPU is
+        idle then, so the event passes at once)."""
+        self.marks.clear()
+        self.gpu.clear()
+        if torch.cuda.is_available():
+            self.origin = torch.cuda.Event(enable_timing=True)
+            self.origin.record()
+        return time.perf_counter()
 
     def wrap(self, cls: type, name: str, label: str) -> None:
         original = getattr(cls, name)
@@ -94,9 +111,7 @@ class Trace:
 
 
 async def one_question(bench: Bench, sid: str, trace: Trace) -> dict[str, float]:
-    trace.marks.clear()
-    trace.gpu.clear()
-    start = time.perf_counter()
+    start = trace.start()
     handle = bench.engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=1))
     first = None
     async for _ in handle:
@@ -123,15 +138,16 @@ def stage_times(trace: Trace, start: float) -> dict[str, float]:
     if trace.gpu:
         torch.cuda.synchronize()
         out["gpu_step_ms"] = sum(b.elapsed_time(e) for b, e in trace.gpu)
+        if trace.origin is not None:  # when the GPU began and ended the first traced step
+            out["gpu_begin"] = trace.origin.elapsed_time(trace.gpu[0][0])
+            out["gpu_end"] = trace.origin.elapsed_time(trace.gpu[0][1])
     return out
 
 
 async def one_push(bench: Bench, sid: str, trace: Trace) -> dict[str, float]:
     """One record pushed to an idle session, until the session reports it ingested."""
     await asyncio.sleep(0.01)  # idle daemon
-    trace.marks.clear()
-    trace.gpu.clear()
-    start = time.perf_counter()
+    start = trace.start()
     await bench.engine.push(sid, [record(bench.next_record)])
     acked = time.perf_counter()
     bench.next_record += 1

@@ -68,9 +68,18 @@ class Bench:
         return reply.session_id
 
     async def wait_ingested(self, sid: str) -> None:
+        """Until every accepted entry of the session is in its KV: woken by the session's
+        ``data_updated`` event, as a subscriber would be (polling would compete with the
+        worker thread for the GIL and round the latency up to its period)."""
         session = self.engine.sessions[sid]
-        while session.ingested_seq < session.last_seq:
-            await asyncio.sleep(0.0002)
+        if session.ingested_seq >= session.last_seq:
+            return
+        events = self.engine.subscribe(sid, frozenset({"data"}))
+        try:
+            while session.ingested_seq < session.last_seq:
+                await events.__anext__()
+        finally:
+            events.close()
 
     async def fill(self, sid: str, target_tokens: int, batch: int = 256) -> tuple[int, float]:
         """Pushes records until the context holds target_tokens (passing it by less than one

@@ -211,45 +211,6 @@ def test_gpu_graph_replay_follows_new_inputs(combine: str) -> None:
 
 
 
-@needs_cuda
-@pytest.mark.gpu
-def test_gpu_weight_prefetch_leaves_results_bitwise_unchanged() -> None:
-    """The L2 prefetch before the PDL wait is a hint only: a chain of dependent projections
-    (each reading the one before) gives the same bits with it and without it."""
-    x, w = _inputs(4, 4096, 4096, torch.bfloat16)
-
-    def chain() -> torch.Tensor:
-        h = x
-        for _ in range(4):
-            h = sg.skinny_linear(h, w)
-        torch.cuda.synchronize()
-        return h
-
-    with_prefetch = chain()
-    sg.set_weight_prefetch(False)
-    try:
-        without = chain()
-    finally:
-        sg.set_weight_prefetch(True)
-    assert torch.equal(with_prefetch, without)
-
-
-@pytest.mark.parametrize("enabled", [True, False])
-def test_prefetch_covers_the_first_pipeline_stages_of_a_split(enabled: bool) -> None:
-    """Each program asks for its first num_stages weight tiles (in 128-byte lines), never more
-    lines than a power of two over its split; none when switched off."""
-    sg.set_weight_prefetch(enabled)
-    try:
-        deep = sg._plan(1, 4096, 4096, torch.bfloat16, Cfg(16, 64, 128, 4, 4, 4))
-        short = sg._plan(1, 4096, 256, torch.bfloat16, Cfg(16, 64, 128, 1, 4, 4))
-        fp32 = sg._plan(1, 4096, 4096, torch.float32, Cfg(16, 64, 64, 4, 4, 3))
-    finally:
-        sg.set_weight_prefetch(True)
-    assert deep.meta["LINE"] == 64 and fp32.meta["LINE"] == 32
-    lines = [deep.meta["PREFETCH_LINES"], short.meta["PREFETCH_LINES"], fp32.meta["PREFETCH_LINES"]]
-    assert lines == ([8, 4, 8] if enabled else [0, 0, 0])
-
-
 # ---- as the dispatcher's ``linear`` operation ----------------------------------------------
 def test_linear_keeps_f_linear_contract_on_both_sides_of_the_row_limit() -> None:
     x_short, w = _inputs(sg.MAX_SKINNY_ROWS, 48, 96, torch.float32)[:2]

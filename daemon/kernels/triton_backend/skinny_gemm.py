@@ -47,12 +47,6 @@ Design:
   31.7 / 33.8 / 34.1 µs for the swiglu kernel then this GEMM at M = 1 / 8 / 16, but at M = 32
   the best fused config takes 37.4 µs (the default config 73 µs, 169 µs at M = 64) against
   about 35 µs unfused. Hence ``MAX_FUSED_ROWS``.
-- Weight prefetch under PDL: a program's first ``num_stages`` weight tiles do not depend on
-  the kernel before it, so before ``wait_for_producer`` it asks L2 for them (one
-  ``prefetch.global.L2`` per 128-byte line; nothing lands in registers or L1, so no data
-  another kernel writes is read early). The small kernels between the projections (norms,
-  RoPE, the split combine) leave HBM idle for microseconds, which these prefetches fill.
-  ``set_weight_prefetch(False)`` turns it off, for A/B benchmarks.
 - Compiles: M is a runtime argument (``do_not_specialize``), the split count is read from the
   grid, so for one weight shape the only M-dependent compile-time constant is BLOCK_M (a power
   of two): at most one compile per (config, BLOCK_M), never one per M.
@@ -83,15 +77,6 @@ MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions 1 and 2
 _STORE, _ATOMIC, _SEMAPHORE = 0, 1, 2  # the kernel's COMBINE: how a program ends its tile
 _COMBINE_CODES = {"atomic": _ATOMIC, "semaphore": _SEMAPHORE}
 _C_STORE, _C_ATOMIC = tl.constexpr(_STORE), tl.constexpr(_ATOMIC)  # as the kernel sees them
-
-
-_prefetch = {"enabled": True}  # set_weight_prefetch: an A/B switch for benchmarks
-
-
-def set_weight_prefetch(enabled: bool) -> None:
-    """Process-wide: whether launches with PDL prefetch their first weight tiles to L2 before
-    waiting for the previous kernel (compiled variants for both settings may coexist)."""
-    _prefetch["enabled"] = enabled
 
 
 def _is_pow2(v: int) -> bool:
@@ -253,17 +238,6 @@ def _fma_rows(acc, w, x_cols, m0, M, K, stride_xm, cols, k_ok, EVEN_K: tl.conste
 
 
 @triton.jit
-def _prefetch_weight(w_ptr, offs_n, N, stride_wn, k_lo, k_hi, LINE: tl.constexpr,
-                     LINES: tl.constexpr):
-    """Ask L2 for the weight columns [k_lo, k_lo + LINES * LINE) of this program's rows, one
-    prefetch per 128-byte line (LINE elements), clamped to the program's K range."""
-    cols = tl.minimum(k_lo + tl.arange(0, LINES) * LINE, k_hi - 1)
-    ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + cols[None, :]
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\n\tmov.u32 $0, 0;", "=r,l", [ptrs.to(tl.int64)],
-                              dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def _semaphore_combine(acc, out_ptr, ws_ptr, lock_ptr, offs, mask, M, N):
     """Write this split's partial; the last split of the tile to arrive sums them all."""
     splits = tl.num_programs(1)
@@ -288,17 +262,14 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     COMBINE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
-    LINE: tl.constexpr, PREFETCH_LINES: tl.constexpr,
 ):
+    wait_for_producer(USE_PDL)
     m0 = tl.program_id(2) * BLOCK_M
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    k_lo = tl.program_id(1) * k_per_split
-    k_hi = tl.minimum(k_lo + k_per_split, K)
-    if USE_PDL and PREFETCH_LINES > 0:  # the weights: never written by the kernel before
-        _prefetch_weight(w_ptr, offs_n, N, stride_wn, k_lo, k_hi, LINE, PREFETCH_LINES)
-    wait_for_producer(USE_PDL)
     offs_m = m0 + tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
+    k_lo = tl.program_id(1) * k_per_split
+    k_hi = tl.minimum(k_lo + k_per_split, K)
     cols = tl.arange(0, BLOCK_K)
     offs_k = k_lo + cols
     w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
@@ -413,26 +384,16 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, config: SkinnyConfig,
         raise ValueError(f"M={m} needs {grid[2]} row tiles of block_m={config.block_m}, more "
                          f"than the grid allows ({MAX_GRID_YZ})")
     combine = _COMBINE_CODES[config.combine] if grid[1] > 1 else _STORE
-    line = max(1, 128 // (torch.finfo(dtype).bits // 8))  # elements per 128-byte line
     meta = dict(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         COMBINE=combine, USE_DOT=config.uses_dot, EVEN_K=k % k_per_split == 0,
         # fp32 uses exact products (not tf32), to match an fp32 reference
         UPCAST=is_interpreted() and dtype == torch.bfloat16,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        SWIGLU=swiglu, LINE=line, PREFETCH_LINES=_prefetch_lines(config, k_per_split, line),
+        SWIGLU=swiglu,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return _Plan(grid, k_per_split, combine, meta)
-
-
-def _prefetch_lines(config: SkinnyConfig, k_per_split: int, line: int) -> int:
-    """128-byte lines per weight row a program prefetches: its first num_stages tiles (what
-    the pipeline would load first), within its split; a power of two (0: off)."""
-    if not _prefetch["enabled"]:
-        return 0
-    columns = min(config.num_stages * config.block_k, k_per_split)
-    return triton.next_power_of_2(triton.cdiv(columns, line))
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config: SkinnyConfig,
