@@ -29,6 +29,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import torch
+import uvloop
 
 from livelm.daemon.config import Config
 from livelm.daemon.engine.engine import Engine
@@ -313,13 +314,13 @@ def main() -> int:
     warm_turns = None if device.type == "cuda" else 2
     if "reuse" in runs:
         print("livelm with reuse:", flush=True)
-        results["reuse"] = asyncio.run(
+        results["reuse"] = uvloop.run(
             engine_turns(model, config, script, args.answer_tokens, warm_turns)
         )
     if "no_reuse" in runs:
         print("livelm with reuse off:", flush=True)
         off = msgspec.structs.replace(config, prefix_cache_conversations=0)
-        results["no_reuse"] = asyncio.run(
+        results["no_reuse"] = uvloop.run(
             engine_turns(model, off, script, args.answer_tokens, warm_turns)
         )
     model_config = model.config

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import QUESTION, Bench, record  # noqa: E402
@@ -217,7 +218,7 @@ def main() -> int:
         trace.wrap(cls, name, label)
     if args.device == "cuda":
         trace.wrap_gpu()
-    results = asyncio.run(run(model, config, args, trace))
+    results = uvloop.run(run(model, config, args, trace))
     if args.out:
         out = Path(args.out) / "host-trace.json"
         out.write_text(json.dumps(results, indent=2))

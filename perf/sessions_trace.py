@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import Bench  # noqa: E402
@@ -311,7 +312,7 @@ def main() -> int:
     _, model = bind_and_load(config, progress=False)
     model = dataclasses.replace(model, eos_ids=frozenset())  # always generate the asked tokens
     instrument()
-    traces = asyncio.run(run(config, model, args))
+    traces = uvloop.run(run(config, model, args))
     if args.out:
         Path(args.out).write_text(json.dumps(traces))
     return 0

@@ -28,6 +28,7 @@ from typing import Any
 
 import msgspec
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from floor import Ceilings, forward_floor_ms, measure_ceilings, prefill_floor_tokens_per_s  # noqa: E402
@@ -338,11 +339,11 @@ def main() -> int:
     model = dataclasses.replace(model, eos_ids=frozenset())  # always generate the asked tokens
     results: dict[str, Any] = {"kernels": binding.chosen()}
     print("livelm:", flush=True)
-    results["livelm"] = asyncio.run(engine_run(model, config, args, full=True))
+    results["livelm"] = uvloop.run(engine_run(model, config, args, full=True))
     if not args.skip_stateless:
         print("livelm with state disabled (re-prefill every query):", flush=True)
         stateless = msgspec.structs.replace(config, reprefill_queries=True)
-        results["stateless"] = asyncio.run(engine_run(model, stateless, args, full=False))
+        results["stateless"] = uvloop.run(engine_run(model, stateless, args, full=False))
     else:
         results["stateless"] = {"contexts": {}}
     model_config = model.config

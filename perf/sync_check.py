@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from stream_bench import QUESTION, Bench  # noqa: E402
@@ -71,7 +72,7 @@ def main() -> int:
     model = dataclasses.replace(model, eos_ids=frozenset())
     found: list[str] = []
     watch_launches(found)
-    ahead = asyncio.run(answers(model, config, args.answers, args.tokens))
+    ahead = uvloop.run(answers(model, config, args.answers, args.tokens))
     print(f"decode steps launched ahead: {ahead}")
     print(f"syncs inside launch_decode: {len(found)}")
     for message in sorted(set(found)):

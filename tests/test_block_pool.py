@@ -66,3 +66,18 @@ def test_boundary_is_the_newest_ingested_entry_under_the_limit() -> None:
         s.ingested_seq = rng.randint(0, s.first_kept_seq + 12)
         limit = rng.randint(0, len(s.tokens) + 3)
         assert s.boundary(limit) == _boundary_by_definition(s, limit)
+
+
+def test_ingested_seq_is_the_newest_entry_computed_with_all_before_it() -> None:
+    rng = random.Random(11)
+    for _ in range(300):
+        s = SessionState(tokens=[1] * rng.randint(0, 5))
+        s.opening_len = len(s.tokens)
+        first = rng.randint(1, 4)
+        for seq in range(first, first + rng.randint(0, 12)):
+            s.append_entry(seq, [2] * rng.randint(1, 6))
+        s.ingested_seq = before = rng.randint(0, first)
+        s.num_computed = rng.randint(0, len(s.tokens))
+        s.advance_ingested()
+        done = [seq for seq, end in s.entries if end <= s.num_computed]  # a prefix: ends grow
+        assert s.ingested_seq == max([before, *done])

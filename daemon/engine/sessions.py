@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import secrets
 from collections import deque
@@ -31,7 +32,8 @@ class PushPlan:
     first_seq: int
     last_seq: int
     first_kept_seq: int | None  # set when the push overflows the window
-    retained: deque[tuple[int, int]]
+    sizes: list[int]  # tokens of each new entry
+    drop: int  # entries dropped from the oldest, the retained ones first, then the new ones
     data_tokens: int
 
 
@@ -62,23 +64,32 @@ class Session:
         return self.opening_tokens + self.data_tokens
 
     def plan_push(self, sizes: list[int]) -> PushPlan:
-        """Assigns seqs; past the window, drops the oldest entries down to the low-water mark."""
+        """Assigns seqs; past the window, drops the oldest entries down to the low-water mark.
+        Nothing is copied: the plan says how many entries go, so a push costs the same at
+        any context length."""
         first = self.last_seq + 1
-        retained = deque(self.entries)
-        retained.extend((first + i, n) for i, n in enumerate(sizes))
         data = self.data_tokens + sum(sizes)
-        first_kept = None
+        first_kept, drop = None, 0
         if self.opening_tokens + data > self.window:
             floor = int(self.window * self.low_water)
-            while len(retained) > 1 and self.opening_tokens + data > floor:
-                data -= retained.popleft()[1]
-            first_kept = retained[0][0]
-        return PushPlan(first, first + len(sizes) - 1, first_kept, retained, data)
+            old, total = len(self.entries), len(self.entries) + len(sizes)
+            for size in itertools.chain((n for _, n in self.entries), sizes):
+                if total - drop <= 1 or self.opening_tokens + data <= floor:
+                    break
+                data -= size
+                drop += 1
+            first_kept = self.entries[drop][0] if drop < old else first + drop - old
+        return PushPlan(first, first + len(sizes) - 1, first_kept, sizes, drop, data)
 
     def commit(self, plan: PushPlan) -> None:
-        kept_before = len(self.entries)
-        self.dropped += kept_before + (plan.last_seq - plan.first_seq + 1) - len(plan.retained)
-        self.entries = plan.retained
+        old = len(self.entries)
+        for _ in range(min(plan.drop, old)):
+            self.entries.popleft()
+        new_dropped = max(0, plan.drop - old)
+        self.entries.extend(
+            (plan.first_seq + i, n) for i, n in enumerate(plan.sizes) if i >= new_dropped
+        )
+        self.dropped += plan.drop
         self.data_tokens = plan.data_tokens
         self.last_seq = plan.last_seq
 
