@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -46,6 +47,9 @@ QUESTION = (
 
 CLASSIFY = "Answer 1 if the price trend is up, 2 if it is down, 3 if it is flat."
 CHOICES = ["1", "2", "3"]  # single tokens (digits stand alone): one forward pass
+
+
+FIRST_PUSH = 8  # records of the first push of a fill, which measures their mean token count
 
 
 def record(i: int) -> dict[str, Any]:
@@ -83,18 +87,17 @@ class Bench:
             events.close()
 
     async def fill(self, sid: str, target_tokens: int, batch: int = 256) -> tuple[int, float]:
-        """Pushes records until the context holds target_tokens (passing it by less than one
-        record); returns (tokens, seconds). Each push is sized from the tokens per record seen
-        so far, starting from one record, so the context lands on the target rather than a
-        batch past it."""
+        """Pushes records until the context holds target_tokens; returns (tokens, seconds).
+        A few records first, to learn their token count; then pushes sized from it (at most
+        ``batch`` records each), so the context lands within a record or two of the target
+        rather than a batch past it, and the ingest is timed over a few large pushes."""
         session = self.engine.sessions[sid]
         before = session.context_tokens
         per_record: float | None = None
         start = time.perf_counter()
         while session.context_tokens < target_tokens:
             left = target_tokens - session.context_tokens
-            # 90% of the estimate: records vary in length, and the last pushes close in one by one
-            count = 1 if per_record is None else max(1, min(batch, int(0.9 * left / per_record)))
+            count = FIRST_PUSH if per_record is None else max(1, min(batch, math.ceil(left / per_record)))
             rows = [record(self.next_record + i) for i in range(count)]
             self.next_record += count
             grown = session.context_tokens
