@@ -28,7 +28,7 @@ from tests.triton_interpret import (
 )
 
 PACKAGE = "livelm.daemon.kernels.triton_backend"
-MODULES = ("paged_decode", "paged_prefill", "norms", "rope", "swiglu")  # dependency order
+MODULES = ("paged_decode", "paged_prefill", "norms", "rope", "swiglu", "block_copy")  # dependency order
 K = types.SimpleNamespace(
     **{
         name.rsplit(".", 1)[1]: mod
@@ -368,6 +368,28 @@ def test_swiglu_matches_reference(dtype: torch.dtype, shape: tuple[int, ...]) ->
     assert _rel(K.swiglu.swiglu(x), torch_ref.swiglu(x)) < POINTWISE_TOL[dtype]
 
 
+# ---- KV block copies --------------------------------------------------------------------------
+@pytest.mark.parametrize("block_size", [4, 128])  # a block of 128 elements, and of one whole chunk
+@pytest.mark.parametrize("pairs", [[[4, 7]], [[8, 1], [2, 5], [0, 6]]])
+def test_block_copies_match_the_reference(block_size: int, pairs: list[list[int]]) -> None:
+    g = torch.Generator().manual_seed(block_size)
+    pool = torch.randn(3, 2, 9, block_size, 2, 16, generator=g).to(DEVICE)
+    index = torch.tensor(pairs, dtype=torch.int64, device=DEVICE)
+    expected = pool.clone()
+    torch_ref.copy_kv_blocks(expected, index)
+    assert not torch.equal(expected, pool)  # the case copies something
+    K.block_copy.copy_blocks(pool, index)
+    assert torch.equal(pool, expected)
+
+
+def test_block_copy_refuses_bad_pairs() -> None:
+    pool = torch.zeros(2, 2, 3, 4, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="int64"):
+        K.block_copy.copy_blocks(pool, torch.tensor([[0, 1]], dtype=torch.int32, device=DEVICE))
+    with pytest.raises(ValueError, match="contiguous"):
+        K.block_copy.copy_blocks(pool.transpose(0, 1), torch.tensor([[0, 1]], device=DEVICE))
+
+
 # ---- candidates -------------------------------------------------------------------------------
 def _target(**overrides: object) -> Target:
     fields = dict(device=DEVICE, capability=(9, 0) if CUDA else None, dtype=torch.bfloat16,
@@ -384,7 +406,8 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
     tma = [c for c in every if c.name.endswith("_tma")]
     found = {c.operation: c for c in every if c not in tma}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
-                          "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear"}
+                          "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear",
+                          "copy_kv_blocks"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
     assert {c.operation for c in tma} == {"prefill_attention", "decode_attention"}
     for c in tma:
@@ -502,3 +525,20 @@ def test_gpu_pointwise_kernels_at_model_shapes() -> None:
         assert _rel(ours, ref) < 1e-3
     gate_up = torch.randn(n, 2 * 14336, device=DEVICE, dtype=dt)
     assert _rel(K.swiglu.swiglu(gate_up), torch_ref.swiglu(gate_up)) < 1e-3
+
+
+@needs_cuda
+@pytest.mark.gpu
+def test_gpu_block_copy_over_a_pool_past_32_bit_offsets() -> None:
+    """A pool of 2.4G elements (Llama-3.1-8B's layers and heads, 64-token blocks): offsets
+    past 2^31, where the planes of the copied blocks lie far apart."""
+    pool = torch.empty(32, 2, 290, 64, 8, 128, dtype=torch.bfloat16, device="cuda")
+    assert pool.numel() > 2**31
+    pairs = [[3, 280], [289, 0], [150, 151]]
+    for src, _ in pairs:
+        pool[:, :, src].normal_()
+    index = torch.tensor(pairs, dtype=torch.int64, device="cuda")
+    K.block_copy.copy_blocks(pool, index)
+    torch.cuda.synchronize()
+    for src, dst in pairs:
+        assert torch.equal(pool[:, :, dst], pool[:, :, src])

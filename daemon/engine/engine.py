@@ -89,7 +89,8 @@ class Engine:
         self.default_window = config.default_window or self.max_context - min(
             self.max_context // 8, 4096
         )
-        cache = KVCache(model.config, num_blocks, block_size, decoder.dtype, decoder.device)
+        cache = KVCache(model.config, num_blocks, block_size, decoder.dtype, decoder.device,
+                        decoder.kernels.copy_kv_blocks)
         self.budget = BlockBudget(num_blocks - 1, block_size)  # less the scratch block
         self.ring = Ring(config.ring_words)
         if config.warm_up_kernels and decoder.device.type == "cuda":

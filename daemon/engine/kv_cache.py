@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 
 from livelm.daemon.engine.transfer import to_device_async
+from livelm.daemon.kernels import torch_ref
+from livelm.daemon.kernels.ops import CopyKVBlocks
 from livelm.daemon.model.config import ModelConfig
 
 CPU_KV_BUDGET_BYTES = 1 << 30
@@ -43,23 +45,23 @@ class KVCache:
         block_size: int,
         dtype: torch.dtype,
         device: torch.device,
+        copy: CopyKVBlocks = torch_ref.copy_kv_blocks,
     ) -> None:
+        """``copy``: the bound ``copy_kv_blocks`` kernel (the reference by default)."""
         shape = (num_blocks, block_size, config.num_kv_heads, config.head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.storage = torch.zeros((config.num_layers, 2, *shape), dtype=dtype, device=device)
         self.layers = [(layer[0], layer[1]) for layer in self.storage]
+        self._copy = copy
 
     def copy_block(self, src: int, dst: int) -> None:
-        self.storage[:, :, dst].copy_(self.storage[:, :, src])
+        self.copy_blocks([(src, dst)])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
-        """Block copies (source, destination) for every layer in two launches, a gather and a
-        scatter, whatever their number (the forks of many questions arriving at once).
+        """Block copies (source, destination) for every layer, whatever their number (the
+        forks of many questions arriving at once) in the launches of one kernel call.
         Destinations must be distinct and none may be a source."""
-        if len(pairs) == 1:
-            self.copy_block(*pairs[0])
-        elif pairs:
-            index = to_device_async(torch.tensor(pairs, dtype=torch.int64).T.contiguous(),
-                                    self.storage.device)
-            self.storage.index_copy_(2, index[1], self.storage.index_select(2, index[0]))
+        if pairs:
+            index = to_device_async(torch.tensor(pairs, dtype=torch.int64), self.storage.device)
+            self._copy(self.storage, index)

@@ -246,6 +246,25 @@ def _swiglu_linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
 PLANTED = (20.0, 19.5, 19.0, 18.5, 18.0)  # far above N(0, 1) noise: the top tokens are known
 
 
+def _copy_kv_blocks_cases(target: Target, gen: torch.Generator) -> list[Case]:
+    """A small pool (3 layers, 9 blocks): one pair, then several in scrambled order; every
+    block that is not a destination must keep its values."""
+    t = target
+    storage = _randn(gen, t, 3, 2, 9, t.block_size, t.num_kv_heads, t.head_dim)
+    cases = []
+    for label, pairs in (("one block", [[4, 7]]), ("three blocks", [[8, 1], [2, 5], [0, 6]])):
+        index = torch.tensor(pairs, dtype=torch.int64, device=t.device)
+        expected = storage.clone()
+        torch_ref.copy_kv_blocks(expected, index)
+
+        def verify(got: Any, expected: torch.Tensor = expected) -> str | None:
+            _, written = got
+            return None if torch.equal(written, expected) else "the pool differs from the reference"
+
+        cases.append(Case(label, (storage, index), verify, writes=(0,)))
+    return cases
+
+
 def _sample_cases(target: Target, gen: torch.Generator) -> list[Case]:
     rows = 8
     logits = _randn(gen, target, rows, target.vocab_size)
@@ -468,4 +487,5 @@ _BUILDERS: dict[str, Callable[[Target, torch.Generator], list[Case]]] = {
     "linear": _linear_cases,
     "swiglu_linear": _swiglu_linear_cases,
     "sample": _sample_cases,
+    "copy_kv_blocks": _copy_kv_blocks_cases,
 }

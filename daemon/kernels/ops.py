@@ -23,6 +23,7 @@ OPERATIONS = (
     "prefill_attention",
     "decode_attention",
     "sample",
+    "copy_kv_blocks",
 )
 
 
@@ -114,6 +115,14 @@ class Sample(Protocol):
     def __call__(self, logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor: ...
 
 
+class CopyKVBlocks(Protocol):
+    """In the KV pool ``storage`` [layers, 2, blocks, block_size, kv_heads, head_dim], copies
+    block ``pairs[i, 0]`` onto block ``pairs[i, 1]`` for every layer, K and V; ``pairs`` is
+    int64 [n, 2] on the pool's device, its destinations distinct and none of them a source."""
+
+    def __call__(self, storage: torch.Tensor, pairs: torch.Tensor) -> None: ...
+
+
 @dataclass(frozen=True)
 class Kernels:
     """One plain function per operation, bound once by the dispatcher."""
@@ -128,3 +137,4 @@ class Kernels:
     prefill_attention: PagedAttention
     decode_attention: PagedAttention
     sample: Sample
+    copy_kv_blocks: CopyKVBlocks

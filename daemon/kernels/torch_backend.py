@@ -85,6 +85,7 @@ def _reference_candidates() -> list[Candidate]:
         ref("prefill_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("decode_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("sample", torch_ref.sample, "sample", False),
+        ref("copy_kv_blocks", torch_ref.copy_kv_blocks, "copy_kv_blocks", True),
     ]
 
 

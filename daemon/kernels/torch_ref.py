@@ -136,6 +136,12 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     return out
 
 
+def copy_kv_blocks(storage: torch.Tensor, pairs: torch.Tensor) -> None:
+    """A gather of the source blocks, then a scatter onto the destinations."""
+    if pairs.shape[0]:
+        storage.index_copy_(2, pairs[:, 1], storage.index_select(2, pairs[:, 0]))
+
+
 REFERENCE = Kernels(
     rms_norm=rms_norm,
     add_rms_norm=add_rms_norm,
@@ -147,4 +153,5 @@ REFERENCE = Kernels(
     prefill_attention=paged_attention,
     decode_attention=paged_attention,
     sample=sample,
+    copy_kv_blocks=copy_kv_blocks,
 )

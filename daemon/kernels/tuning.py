@@ -33,6 +33,7 @@ WARMUP = 3
 REPEATS = 20
 TOKENS = 2048  # a prefill step's token budget
 QUESTION_ROWS = 32  # a short question's rows, where the projections read more than they compute
+LAYERS = 32  # layers of the pool a block copy spans
 DECODE_SEQS, DECODE_CONTEXT = 32, 4096
 PREFILL_SEQS = [(1024, 8192), (1024, 1024)]  # (new tokens, context)
 SAMPLE_ROWS = 64
@@ -97,6 +98,9 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
         return randn(QUESTION_ROWS, 2 * ffn), randn(t.hidden_size, ffn)
     if op == "sample":
         return _sample_workload(t, randn(SAMPLE_ROWS, t.vocab_size))
+    if op == "copy_kv_blocks":  # a question's fork: one partial block, every layer
+        pool = randn(LAYERS, 2, 8, t.block_size, t.num_kv_heads, t.head_dim)
+        return pool, torch.tensor([[1, 5]], dtype=torch.int64, device=t.device)
     decode = op == "decode_attention"
     seqs = [(1, DECODE_CONTEXT)] * DECODE_SEQS if decode else PREFILL_SEQS
     q, k, v, meta = attention_inputs(t, gen, seqs, decode)

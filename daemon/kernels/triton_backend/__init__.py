@@ -1,5 +1,6 @@
 """Triton kernels of our own: paged prefill and split-K decode attention, norms, RoPE, SwiGLU,
-and the skinny GEMM for the projections (SwiGLU fused into the down projection's).
+the skinny GEMM for the projections (SwiGLU fused into the down projection's), and KV block
+copies.
 
 Importing this package never fails; ``candidates()`` raises BackendUnavailable when triton is
 missing. The kernels run on CUDA (compute capability 8.0+), or on CPU tensors under
@@ -101,6 +102,7 @@ def candidates() -> list[Candidate]:
         raise BackendUnavailable("triton is not installed")
     try:
         from livelm.daemon.kernels.triton_backend import (
+            block_copy,
             norms,
             paged_decode,
             paged_prefill,
@@ -140,4 +142,6 @@ def candidates() -> list[Candidate]:
         # the down projection with SwiGLU fused into the skinny GEMM's x tiles (up to 16 rows;
         # the swiglu kernel then linear's kernel beyond), graph-safe as linear is
         make("swiglu_linear", "swiglu_linear", skinny_gemm.swiglu_linear_op),
+        # a fork's partial block for every layer in one launch, with 64-bit offsets
+        make("copy_kv_blocks", "copy_kv_blocks", block_copy.copy_blocks),
     ]
