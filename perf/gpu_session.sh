@@ -3,7 +3,7 @@
 # limit. Outputs are written under a scratch folder and packed into $OUT/session.tgz after
 # every step (the device tool returns only a few files per call, so one archive carries all).
 #
-#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate|host]
+#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate|host|bench]
 #
 # quick (about 6 minutes): the GPU tests of the attention kernels and the decode read-back,
 # the step profile (with decode batch sizes, and by kernel without PDL), the host's share of
@@ -14,7 +14,8 @@
 # kernel's deferred rescaling on and off for 64 questions; the stream bench without baselines.
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
 # profile, the stream bench with its baselines and the agent bench with reuse. host:
-# host_trace.py at three contexts and the stream bench without baselines.
+# the GPU tests of the engine and the block copy, host_trace.py at three contexts. bench: the
+# stream bench with its baselines and the agent bench.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -47,11 +48,19 @@ if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benc
     echo done
     exit 0
 fi
-if [ "$MODE" = host ]; then  # the host's share of a question and of a pushed record
+if [ "$MODE" = host ]; then  # a change's GPU tests, and the host's share of a question
+    step gpu_tests 200 python3 -m pytest -q tests/test_gpu_exactness.py tests/test_pdl.py \
+        tests/test_triton_kernels.py -k "block_cop or exactness or cuda or pdl"
     step host_trace 200 python3 perf/host_trace.py --contexts 3000,19000,32000 --questions 30 \
         --out "$SCRATCH"
-    step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 100 --out "$SCRATCH/stream"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = bench ]; then  # the benches of record: stream with baselines, agent turns
+    step stream_bench 330 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
+        --out "$SCRATCH/stream"
+    step agent_bench 200 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
+        --runs reuse,no_reuse --out "$SCRATCH/agent"
     echo done
     exit 0
 fi
