@@ -56,11 +56,12 @@ if [ "$MODE" = host ]; then  # a change's GPU tests, and the host's share of a q
     echo done
     exit 0
 fi
-if [ "$MODE" = bench ]; then  # the benches of record: stream with baselines, agent turns
+if [ "$MODE" = bench ]; then  # the benches of record (stream with baselines, agent turns)
+    step gpu_tests 60 python3 -m pytest -q tests/test_triton_kernels.py -k "block_cop"
     step stream_bench 330 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
         --out "$SCRATCH/stream"
-    step agent_bench 200 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
-        --runs reuse,no_reuse --out "$SCRATCH/agent"
+    step agent_bench 150 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
+        --runs reuse --out "$SCRATCH/agent"
     echo done
     exit 0
 fi

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 
-from livelm.daemon.engine.transfer import to_device_async
 from livelm.daemon.kernels import torch_ref
 from livelm.daemon.kernels.ops import CopyKVBlocks
 from livelm.daemon.model.config import ModelConfig
@@ -63,5 +62,4 @@ class KVCache:
         forks of many questions arriving at once) in the launches of one kernel call.
         Destinations must be distinct and none may be a source."""
         if pairs:
-            index = to_device_async(torch.tensor(pairs, dtype=torch.int64), self.storage.device)
-            self._copy(self.storage, index)
+            self._copy(self.storage, pairs)

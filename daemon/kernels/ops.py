@@ -5,6 +5,7 @@ The hot path calls the plain functions held here directly: no lookups, no per-ca
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -117,10 +118,10 @@ class Sample(Protocol):
 
 class CopyKVBlocks(Protocol):
     """In the KV pool ``storage`` [layers, 2, blocks, block_size, kv_heads, head_dim], copies
-    block ``pairs[i, 0]`` onto block ``pairs[i, 1]`` for every layer, K and V; ``pairs`` is
-    int64 [n, 2] on the pool's device, its destinations distinct and none of them a source."""
+    block ``src`` onto block ``dst`` for each (src, dst) of ``pairs`` (host ints), for every
+    layer, K and V; destinations distinct and none of them a source."""
 
-    def __call__(self, storage: torch.Tensor, pairs: torch.Tensor) -> None: ...
+    def __call__(self, storage: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None: ...
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,8 @@ rotate-half RoPE, softmax in float32), so float32 results match it to rounding.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -136,10 +138,17 @@ def sample(logits: torch.Tensor, params: SamplingBatch) -> torch.Tensor:
     return out
 
 
-def copy_kv_blocks(storage: torch.Tensor, pairs: torch.Tensor) -> None:
-    """A gather of the source blocks, then a scatter onto the destinations."""
-    if pairs.shape[0]:
-        storage.index_copy_(2, pairs[:, 1], storage.index_select(2, pairs[:, 0]))
+def copy_kv_blocks(storage: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
+    """One strided copy for one pair; for several, a gather of the source blocks, then a
+    scatter onto the destinations."""
+    if len(pairs) == 1:
+        (src, dst), = pairs
+        storage[:, :, dst].copy_(storage[:, :, src])
+    elif pairs:
+        index = torch.tensor(pairs, dtype=torch.int64)
+        index = index.pin_memory() if storage.device.type == "cuda" else index
+        index = index.to(storage.device, non_blocking=True)
+        storage.index_copy_(2, index[:, 1], storage.index_select(2, index[:, 0]))
 
 
 REFERENCE = Kernels(

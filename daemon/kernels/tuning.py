@@ -100,7 +100,7 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
         return _sample_workload(t, randn(SAMPLE_ROWS, t.vocab_size))
     if op == "copy_kv_blocks":  # a question's fork: one partial block, every layer
         pool = randn(LAYERS, 2, 8, t.block_size, t.num_kv_heads, t.head_dim)
-        return pool, torch.tensor([[1, 5]], dtype=torch.int64, device=t.device)
+        return pool, [(1, 5)]
     decode = op == "decode_attention"
     seqs = [(1, DECODE_CONTEXT)] * DECODE_SEQS if decode else PREFILL_SEQS
     q, k, v, meta = attention_inputs(t, gen, seqs, decode)

@@ -6,10 +6,13 @@ The pool is one tensor [layers, 2, blocks, block_size, kv_heads, head_dim]: seen
 GiB it splits into a dozen or more launches (88-146 µs of host time per question's fork on
 an H200 host); ``index_select`` + ``index_copy_`` for several pairs also materialises every
 copied block once more. This kernel walks int64 offsets: grid (pairs, planes, chunks of a
-block), one program moving one chunk of one plane of one pair.
+block), one program moving one chunk of one plane of one pair. A single pair (a question's
+fork) goes as two scalar arguments, so nothing is copied to the device first.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -18,13 +21,17 @@ import triton.language as tl
 CHUNK = 4096  # elements a program moves
 
 
-@triton.jit
-def _copy_blocks_kernel(storage, pairs, plane_stride, block_elems,
-                        CHUNK: tl.constexpr, EVEN: tl.constexpr):
-    pair = tl.program_id(0)
+@triton.jit(do_not_specialize=["src0", "dst0"])
+def _copy_blocks_kernel(storage, pairs, src0, dst0, plane_stride, block_elems,
+                        CHUNK: tl.constexpr, EVEN: tl.constexpr, SCALAR: tl.constexpr):
     plane = tl.program_id(1).to(tl.int64)
-    src = tl.load(pairs + 2 * pair).to(tl.int64)
-    dst = tl.load(pairs + 2 * pair + 1).to(tl.int64)
+    if SCALAR:
+        src = src0.to(tl.int64)
+        dst = dst0.to(tl.int64)
+    else:
+        pair = tl.program_id(0)
+        src = tl.load(pairs + 2 * pair).to(tl.int64)
+        dst = tl.load(pairs + 2 * pair + 1).to(tl.int64)
     offs = tl.program_id(2) * CHUNK + tl.arange(0, CHUNK)
     base = storage + plane * plane_stride
     if EVEN:
@@ -35,20 +42,35 @@ def _copy_blocks_kernel(storage, pairs, plane_stride, block_elems,
         tl.store(base + dst * block_elems + offs, values, mask=ok)
 
 
-def copy_blocks(storage: torch.Tensor, pairs: torch.Tensor) -> None:
-    """Copies block ``pairs[i, 0]`` onto block ``pairs[i, 1]`` in every plane of the pool
-    ``storage`` [layers, 2, blocks, ...] (contiguous); ``pairs`` int64 [n, 2] on its device.
-    Destinations must be distinct and none may be a source."""
+def copy_blocks(storage: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None:
+    """Copies block ``src`` onto block ``dst`` for each (src, dst) of ``pairs`` in every plane
+    of the pool ``storage`` [layers, 2, blocks, ...] (contiguous). Destinations must be
+    distinct and none may be a source."""
     if not storage.is_contiguous():
         raise ValueError("the KV pool must be contiguous")
-    if pairs.dim() != 2 or pairs.shape[1] != 2 or pairs.dtype != torch.int64:
-        raise ValueError(f"pairs must be int64 [n, 2], got {pairs.dtype} {tuple(pairs.shape)}")
-    if pairs.shape[0] == 0:
+    if not pairs:
         return
-    planes, blocks = storage.shape[0] * storage.shape[1], storage.shape[2]
-    block_elems = storage[0, 0, 0].numel()
-    grid = (pairs.shape[0], planes, triton.cdiv(block_elems, CHUNK))
+    layers, kv, blocks, *block_shape = storage.shape
+    block_elems = 1
+    for size in block_shape:
+        block_elems *= size
+    for src, dst in pairs:
+        if not (0 <= src < blocks and 0 <= dst < blocks):
+            raise ValueError(f"block pair ({src}, {dst}) outside the pool's {blocks} blocks")
+    if len(pairs) == 1:
+        index, (src0, dst0) = storage, pairs[0]  # the tensor argument goes unused
+    else:
+        index, src0, dst0 = _on_device(pairs, storage.device), 0, 0
+    grid = (len(pairs), layers * kv, triton.cdiv(block_elems, CHUNK))
     _copy_blocks_kernel[grid](
-        storage, pairs.contiguous(), blocks * block_elems, block_elems,
-        CHUNK=CHUNK, EVEN=block_elems % CHUNK == 0, num_warps=4,
+        storage, index, src0, dst0, blocks * block_elems, block_elems,
+        CHUNK=CHUNK, EVEN=block_elems % CHUNK == 0, SCALAR=len(pairs) == 1, num_warps=4,
     )
+
+
+def _on_device(pairs: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """int64 [n, 2] on ``device``; from pinned memory on CUDA, so the host never waits."""
+    host = torch.tensor(pairs, dtype=torch.int64)
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
