@@ -87,27 +87,41 @@ class Bench:
             events.close()
 
     async def fill(self, sid: str, target_tokens: int, batch: int = 256) -> tuple[int, float]:
-        """Pushes records until the context holds target_tokens; returns (tokens, seconds).
-        A few records first, to learn their token count; then pushes sized from it (at most
-        ``batch`` records each), so the context lands within a record or two of the target
-        rather than a batch past it, and the ingest is timed over a few large pushes."""
+        """Pushes records until the context holds target_tokens; returns the tokens and
+        seconds of the sized pushes, push to queryable. A probe push of a few records comes
+        first, ingested before the clock starts, to learn their token count; the pushes after
+        it are sized from that (at most ``batch`` records each), so the context lands within a
+        record or two of the target rather than a batch past it."""
         session = self.engine.sessions[sid]
+        per_record = await self._probe_push(sid, target_tokens)
+        await self.wait_ingested(sid)
         before = session.context_tokens
-        per_record: float | None = None
         start = time.perf_counter()
         while session.context_tokens < target_tokens:
             left = target_tokens - session.context_tokens
-            count = FIRST_PUSH if per_record is None else max(1, min(batch, math.ceil(left / per_record)))
-            rows = [record(self.next_record + i) for i in range(count)]
-            self.next_record += count
-            grown = session.context_tokens
-            await self.engine.push(sid, rows)
-            if session.context_tokens <= grown:
-                raise RuntimeError(f"session {sid} stopped growing at {grown} tokens "
-                                   f"(its window is below the {target_tokens}-token target)")
-            per_record = (session.context_tokens - grown) / count
+            count = max(1, min(batch, math.ceil(left / per_record)))
+            per_record = await self._push_records(sid, count, target_tokens)
         await self.wait_ingested(sid)
         return session.context_tokens - before, time.perf_counter() - start
+
+    async def _probe_push(self, sid: str, target_tokens: int) -> float:
+        """Tokens per record, from a push of FIRST_PUSH records (none once the context holds
+        the target)."""
+        if self.engine.sessions[sid].context_tokens >= target_tokens:
+            return 1.0
+        return await self._push_records(sid, FIRST_PUSH, target_tokens)
+
+    async def _push_records(self, sid: str, count: int, target_tokens: int) -> float:
+        """Pushes ``count`` records; returns their mean token count."""
+        session = self.engine.sessions[sid]
+        rows = [record(self.next_record + i) for i in range(count)]
+        self.next_record += count
+        grown = session.context_tokens
+        await self.engine.push(sid, rows)
+        if session.context_tokens <= grown:
+            raise RuntimeError(f"session {sid} stopped growing at {grown} tokens "
+                               f"(its window is below the {target_tokens}-token target)")
+        return (session.context_tokens - grown) / count
 
     async def ask(self, sid: str, max_tokens: int) -> tuple[float, float, int]:
         """(first token ms, total ms, tokens) of one greedy answer."""
