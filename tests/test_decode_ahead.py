@@ -63,3 +63,19 @@ def test_decoding_ahead_answers_as_stepping_singly(demo) -> None:
     assert ahead == single
     reasons = [reason for _, _, reason in single]
     assert reasons.count("length") >= 4 and "stop" in reasons  # answers end at different steps
+
+
+def test_the_second_token_is_launched_from_the_question_step(demo) -> None:
+    """A question's own step is the first of the run: the step of its second token is
+    launched before its first token is read back, and the answer is as stepping singly."""
+
+    async def two_tokens(engine: Engine) -> tuple[list[int], int]:
+        sid = (await engine.init_session(InitRequest(prompt="Prices:", template="raw"))).session_id
+        await engine.push(sid, [f"AAPL {180 + i}.5" for i in range(4)])
+        done = await engine.generate(sid, GenerateRequest(prompt="Next:", max_tokens=2)).result()
+        return done.tokens, engine.worker.steps_ahead
+
+    ahead, launched = run_engine(demo, two_tokens, decode_run_ahead=True)
+    single, _ = run_engine(demo, two_tokens, decode_run_ahead=False)
+    assert launched == 1 and len(ahead) == 2
+    assert ahead == single

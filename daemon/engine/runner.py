@@ -11,6 +11,7 @@ from livelm.daemon.engine.graphs import StepGraphs
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.sampling import SamplingParams, sampling_batch
 from livelm.daemon.engine.scheduler import Chunk
+from livelm.daemon.engine.transfer import to_device_async
 from livelm.daemon.model.decoder import LlamaDecoder
 
 SCORE_ROWS_PER_PASS = 256  # bounds the [rows, vocab] logits held at once while scoring
@@ -110,10 +111,12 @@ class ModelRunner:
         generators: list[torch.Generator | None],
         feed: torch.Tensor | None,
     ) -> PendingStep:
-        """Launches a decode step (one sampled token per chunk) without waiting for it.
+        """Launches a step that samples one token per chunk (decode rows, or questions' last
+        chunks) without waiting for it.
 
         ``feed``: each chunk's input id on the device (the previous step's sampled tokens), for
-        chunks whose last token the host does not know yet; None takes them from the chunks.
+        decode rows whose last token the host does not know yet; None takes them from the
+        chunks.
         """
         shape = None if self.graphs is None else self.graphs.shape_for(chunks)
         if shape is not None:
@@ -123,6 +126,10 @@ class ModelRunner:
             if feed is not None:  # a decode batch holds one row per chunk, in chunk order
                 batch.input_ids[: len(chunks)].copy_(feed)
             hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
+            if len(batch.sample_rows) != hidden.shape[0]:  # longer chunks: their last rows
+                rows = to_device_async(torch.tensor(batch.sample_rows, dtype=torch.int64),
+                                       self.device)
+                hidden = hidden.index_select(0, rows)
             logits = self.decoder.logits(hidden).float()
         tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
         return PendingStep.reading_back(tokens)

@@ -138,7 +138,7 @@ class Worker(threading.Thread):
         sessions = [s for s in self.sessions.values() if s.error is None]
         awaited = {q.slot for q in self.queries.values() if q.phase is Phase.WAITING}
         chunks = self.scheduler.plan(sessions, queries, awaited)
-        if chunks and self._run_ahead and self._decodes_only(chunks):
+        if chunks and self._run_ahead and self._answers_only(chunks):
             self._decode_ahead(chunks)
         elif chunks:
             self._step(chunks)
@@ -269,13 +269,15 @@ class Worker(threading.Thread):
     def _decode_ahead(self, chunks: list[Chunk]) -> None:
         """Decode steps back to back, each launched before the previous one's tokens are read:
         the next step's input ids are the previous step's sampled tokens, copied on the device,
-        so reading tokens back, reporting and staging overlap the GPU's work. It goes on while
-        nothing else waits (no command, no ring record, no session data to ingest); a query
-        that ends meanwhile (a stop token or string, a cancel) wastes one row of the step in
-        flight, whose result for it is dropped."""
+        so reading tokens back, reporting and staging overlap the GPU's work. The first step
+        may be the questions' own (their last chunks), so the first answer token's read-back
+        and report overlap the second token's step. It goes on while nothing else waits (no
+        command, no ring record, no session data to ingest); a query that ends meanwhile (a
+        stop token or string, a cancel) wastes one row of the step in flight, whose result for
+        it is dropped."""
         try:
             for ch in chunks:
-                self.kv.prepare_write(ch.seq, ch.start, ch.start + 1)
+                self.kv.prepare_write(ch.seq, ch.start, ch.start + ch.length)
             pending = self._launch_decode(chunks, None)
         except STEP_ERRORS:
             self._step(chunks)  # again the ordinary way, which fails what must fail
@@ -304,10 +306,14 @@ class Worker(threading.Thread):
                 return
             chunks, pending = ahead, pending_ahead
 
-    def _decodes_only(self, chunks: list[Chunk]) -> bool:
+    def _answers_only(self, chunks: list[Chunk]) -> bool:
+        """Every chunk samples an answer token: a decode row, or a question's last chunk
+        (unless its first logits are wanted: a read-back step returns tokens only)."""
         return all(
-            isinstance(ch.seq, QueryState) and ch.seq.phase is Phase.DECODE and ch.sample
-            and ch.length == 1 and ch.seq.choices is None
+            isinstance(ch.seq, QueryState) and ch.sample and ch.seq.choices is None
+            and ch.start + ch.length == ch.seq.length
+            and (ch.seq.phase is Phase.DECODE and ch.length == 1
+                 or ch.seq.phase is Phase.PREFILL and not ch.seq.capture_logits)
             for ch in chunks
         )
 
@@ -329,7 +335,7 @@ class Worker(threading.Thread):
             q = ch.seq
             if not self._live(q) or len(q.output) + 2 > q.params.max_tokens:
                 continue  # the step in flight draws its last token (or it is gone)
-            start = ch.start + 1
+            start = ch.start + ch.length
             try:
                 self.kv.prepare_write(q, start, start + 1)
             except STEP_ERRORS:
