@@ -99,7 +99,7 @@ class Bench:
         start = time.perf_counter()
         while session.context_tokens < target_tokens:
             left = target_tokens - session.context_tokens
-            count = max(1, min(batch, math.ceil(left / per_record)))
+            count = max(1, min(batch, math.ceil(left / per_record) + 1))  # one spare: no top-up
             per_record = await self._push_records(sid, count, target_tokens)
         await self.wait_ingested(sid)
         return session.context_tokens - before, time.perf_counter() - start

@@ -66,3 +66,27 @@ def test_tiny_ring_loses_nothing(folder: Path, tmp_path: Path) -> None:
         question = ids + tok.encode("last v?", add_special_tokens=False)
         assert answers[i].tokens == hf_greedy(folder, question, 4)[: len(answers[i].tokens)]
         assert len(answers[i].tokens) == 4 or answers[i].finish_reason == "stop"
+
+
+def test_a_push_reaches_the_worker_whole(folder: Path, tmp_path: Path) -> None:
+    """A push's records go to the ring in one write when they fit, so the worker wakes once
+    and ingests them in one step, not the first record alone and then the rest."""
+    model = loaded(folder, tmp_path)
+
+    async def steps_for_one_push(engine: Engine) -> int:
+        sid = (await engine.init_session(InitRequest(prompt="feed", template="raw"))).session_id
+        await ingested(engine, sid, (await engine.push(sid, rows(0, 0)[:2])).seq)
+        before = engine.metrics()["worker_steps_total"]
+        await ingested(engine, sid, (await engine.push(sid, rows(0, 1))).seq)
+        return engine.metrics()["worker_steps_total"] - before
+
+    assert run_engine(model, steps_for_one_push, max_batch_tokens=4096) == 1
+
+
+async def ingested(engine: Engine, sid: str, seq: int) -> None:
+    events = engine.subscribe(sid, frozenset({"data"}))
+    try:
+        while engine.status(sid).ingested_seq < seq:
+            await events.__anext__()
+    finally:
+        events.close()

@@ -92,6 +92,7 @@ class Worker(threading.Thread):
         self._reprefill = reprefill  # baseline mode: queries recompute their whole context
         self._run_ahead = run_ahead  # decode steps launch before the last one is read back
         self.steps_ahead = 0  # decode steps launched before their predecessor was read back
+        self.steps = 0  # model steps launched, of any kind
         self.sessions: dict[int, SessionState] = {}
         self.queries: dict[int, QueryState] = {}
         self._trackers: dict[int, TextTracker] = {}
@@ -241,6 +242,7 @@ class Worker(threading.Thread):
         self._apply_step(chunks, out)
 
     def _run(self, chunks: list[Chunk]) -> StepOutput:
+        self.steps += 1
         sampling = [ch.seq for ch in chunks if ch.sample]
         for ch in chunks:
             self.kv.prepare_write(ch.seq, ch.start, ch.start + ch.length)
@@ -352,6 +354,7 @@ class Worker(threading.Thread):
 
     def _launch_decode(self, chunks: list[Chunk], feed: torch.Tensor | None) -> PendingStep:
         """Launches a decode step whose positions are already writable (``prepare_write``)."""
+        self.steps += 1
         queries = [ch.seq for ch in chunks]
         return self.runner.launch_decode(
             chunks,
