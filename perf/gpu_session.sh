@@ -34,6 +34,13 @@ step() {  # step NAME SECONDS COMMAND...: runs it, keeps its output, prints the 
     tar czf "$FINAL/session.tgz" -C "$SCRATCH" .
 }
 
+records() {  # records PUSH_SAMPLES: the stream bench with its baselines, then agent turns
+    step stream_bench 330 python3 perf/stream_bench.py --repeats 8 --push-samples "$1" \
+        --out "$SCRATCH/stream"
+    step agent_bench 150 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
+        --runs reuse --out "$SCRATCH/agent"
+}
+
 nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,power.draw --format=csv > "$SCRATCH/gpu.txt"
 if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benches of record
     step gpu_tests 120 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or plan"
@@ -41,10 +48,7 @@ if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benc
         --q 51,128,256 --tiles 128/64/4/2,64/64/4/2 --out "$SCRATCH/sweep_record.json"
     step step 90 python3 perf/step_profile.py --contexts 3000,19000,34000 \
         --out "$SCRATCH/step.json"
-    step stream_bench 300 python3 perf/stream_bench.py --repeats 8 --push-samples 50 \
-        --out "$SCRATCH/stream"
-    step agent_bench 120 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
-        --runs reuse --out "$SCRATCH/agent"
+    records 50
     echo done
     exit 0
 fi
@@ -58,10 +62,7 @@ if [ "$MODE" = host ]; then  # a change's GPU tests, and the stream bench withou
 fi
 if [ "$MODE" = bench ]; then  # the benches of record (stream with baselines, agent turns)
     step gpu_tests 60 python3 -m pytest -q tests/test_triton_kernels.py -k "block_cop"
-    step stream_bench 330 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
-        --out "$SCRATCH/stream"
-    step agent_bench 150 python3 perf/agent_bench.py --kernel-policy perf/bench_policy.yaml \
-        --runs reuse --out "$SCRATCH/agent"
+    records 100
     echo done
     exit 0
 fi

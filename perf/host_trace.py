@@ -34,7 +34,7 @@ from livelm.daemon.engine.engine import Engine  # noqa: E402
 from livelm.daemon.engine.graphs import StepGraphs  # noqa: E402
 from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.kv_manager import KVManager  # noqa: E402
-from livelm.daemon.engine.runner import ModelRunner  # noqa: E402
+from livelm.daemon.engine.runner import ModelRunner, PendingStep  # noqa: E402
 from livelm.daemon.engine.scheduler import Scheduler  # noqa: E402
 from livelm.daemon.engine.staging import StepStaging  # noqa: E402
 from livelm.daemon.engine.worker import Worker  # noqa: E402
@@ -60,6 +60,8 @@ STAGES = [
     (StepGraphs, "_copy_tables", "copy_tables"),
     (torch.cuda.CUDAGraph, "replay", "graph_replay_call"),
     (ModelRunner, "run", "runner_run"),
+    (ModelRunner, "launch_decode", "runner_launch"),  # a question's step, since 922df62
+    (PendingStep, "collect", "collect"),
     (Worker, "_apply_step", "apply_step"),
     (Worker, "_on_token", "on_token"),
     (TextTracker, "update", "detok"),
