@@ -73,7 +73,8 @@ def _reference_candidates() -> list[Candidate]:
     def ref(op: str, fn: Callable, name: str, graph_safe: bool) -> Candidate:
         return Candidate(op, "torch_ref", f"torch_ref.{name}", fn, _any_target, graph_safe)
 
-    # paged_attention and sample read host-side lists (or sync), so graphs cannot capture them
+    # paged_attention, sample and copy_kv_blocks read host-side lists (or sync), so graphs
+    # cannot capture them
     return [
         ref("rms_norm", torch_ref.rms_norm, "rms_norm", True),
         ref("add_rms_norm", torch_ref.add_rms_norm, "add_rms_norm", True),
@@ -85,7 +86,7 @@ def _reference_candidates() -> list[Candidate]:
         ref("prefill_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("decode_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("sample", torch_ref.sample, "sample", False),
-        ref("copy_kv_blocks", torch_ref.copy_kv_blocks, "copy_kv_blocks", True),
+        ref("copy_kv_blocks", torch_ref.copy_kv_blocks, "copy_kv_blocks", False),
     ]
 
 

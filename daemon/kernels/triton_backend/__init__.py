@@ -142,6 +142,7 @@ def candidates() -> list[Candidate]:
         # the down projection with SwiGLU fused into the skinny GEMM's x tiles (up to 16 rows;
         # the swiglu kernel then linear's kernel beyond), graph-safe as linear is
         make("swiglu_linear", "swiglu_linear", skinny_gemm.swiglu_linear_op),
-        # a fork's partial block for every layer in one launch, with 64-bit offsets
-        make("copy_kv_blocks", "copy_kv_blocks", block_copy.copy_blocks),
+        # a fork's partial block for every layer in one launch, with 64-bit offsets; its
+        # pairs come from the host (several are staged through pinned memory): never captured
+        make("copy_kv_blocks", "copy_kv_blocks", block_copy.copy_blocks, graph_safe=False),
     ]
