@@ -14,8 +14,8 @@
 # kernel's deferred rescaling on and off for 64 questions; the stream bench without baselines.
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
 # profile, the stream bench with its baselines and the agent bench with reuse. host:
-# the GPU tests of the engine, the read-back steps and the block copy, and the stream bench
-# without baselines. bench: the stream bench with its baselines and the agent bench.
+# the GPU tests of the engine, the read-back steps and the block copy, the stream bench
+# without baselines, and host_trace.py at three contexts. bench: the stream bench with its baselines and the agent bench.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -52,11 +52,13 @@ if [ "$MODE" = validate ]; then  # a change's GPU tests, its sweep, and the benc
     echo done
     exit 0
 fi
-if [ "$MODE" = host ]; then  # a change's GPU tests, and the stream bench without baselines
+if [ "$MODE" = host ]; then  # a change's GPU tests, the stream bench, the host's share
     step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py tests/test_pdl.py \
         tests/test_pending_step.py tests/test_triton_kernels.py -k "block_cop or cuda or pdl or pending"
     step stream 120 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
         --push-samples 100 --out "$SCRATCH/stream"
+    step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000,32000 --questions 20 \
+        --out "$SCRATCH"
     echo done
     exit 0
 fi
