@@ -157,11 +157,14 @@ def test_reprefill_baseline_gives_the_same_answers(family_folder, tmp_path):
     async def scenario(engine: Engine):
         sid = (await engine.init_session(InitRequest(prompt=PROMPT, template="raw"))).session_id
         await engine.push(sid, feed(0, 6))
-        return await ask(engine, sid, capture=True)
+        captured = await ask(engine, sid, capture=True)
+        plain, _ = await ask(engine, sid)  # its question's last chunk starts decode-ahead's run
+        return captured, plain
 
-    cached, cached_logits = run_engine(model, scenario)
-    fresh, fresh_logits = run_engine(model, scenario, reprefill_queries=True)
+    (cached, cached_logits), cached_plain = run_engine(model, scenario)
+    (fresh, fresh_logits), fresh_plain = run_engine(model, scenario, reprefill_queries=True)
     assert fresh.tokens == cached.tokens and fresh.usage == cached.usage
+    assert fresh_plain.tokens == cached_plain.tokens == cached.tokens
     assert ((fresh_logits - cached_logits).norm() / cached_logits.norm()).item() < 1e-5
 
 
