@@ -302,10 +302,8 @@ class Engine:
         wakes once and sees them all: written one by one, it woke on the first and ran a
         whole step for that record alone before the rest."""
         async with self._ring_lock:
-            if len(batch) > 1:
-                joined = np.concatenate(batch)
-                if joined.size <= self.ring.capacity and self.ring.write(joined):
-                    return
+            if len(batch) > 1 and self.ring.write(np.concatenate(batch)):
+                return
             for words in batch:
                 if len(words) > self.ring.capacity:
                     raise TooLarge(f"a record of {len(words)} words exceeds the ring")

@@ -11,7 +11,7 @@ from livelm.daemon.engine.graphs import StepGraphs
 from livelm.daemon.engine.kv_cache import KVCache
 from livelm.daemon.engine.sampling import SamplingParams, sampling_batch
 from livelm.daemon.engine.scheduler import Chunk
-from livelm.daemon.engine.transfer import to_device_async
+from livelm.daemon.kernels.transfer import to_device_async
 from livelm.daemon.model.decoder import LlamaDecoder
 
 SCORE_ROWS_PER_PASS = 256  # bounds the [rows, vocab] logits held at once while scoring

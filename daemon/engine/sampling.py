@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
-from livelm.daemon.engine.transfer import to_device_async
 from livelm.daemon.kernels.ops import SamplingBatch
+from livelm.daemon.kernels.transfer import to_device_async
 
 
 @dataclass(frozen=True)

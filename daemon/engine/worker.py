@@ -23,7 +23,7 @@ from livelm.daemon.engine.prefix_branch import branch_session
 from livelm.daemon.engine.runner import ModelRunner, PendingStep, StepOutput
 from livelm.daemon.engine.scheduler import Chunk, Scheduler
 from livelm.daemon.engine.sequence import ChoiceState, Phase, QueryState, SessionState
-from livelm.daemon.engine.transfer import to_device_async
+from livelm.daemon.kernels.transfer import to_device_async
 from livelm.daemon.model.tokenizer import Tokenizer
 from livelm.native.ring import Ring
 from livelm.protocol.errors import InternalError, LiveLMError, UnknownSession

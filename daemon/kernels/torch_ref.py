@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.kernels.ops import Kernels, SamplingBatch
+from livelm.daemon.kernels.transfer import to_device_async
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -145,9 +146,7 @@ def copy_kv_blocks(storage: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> N
         (src, dst), = pairs
         storage[:, :, dst].copy_(storage[:, :, src])
     elif pairs:
-        index = torch.tensor(pairs, dtype=torch.int64)
-        index = index.pin_memory() if storage.device.type == "cuda" else index
-        index = index.to(storage.device, non_blocking=True)
+        index = to_device_async(torch.tensor(pairs, dtype=torch.int64), storage.device)
         storage.index_copy_(2, index[:, 1], storage.index_select(2, index[:, 0]))
 
 

@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from livelm.daemon.kernels.transfer import to_device_async
+
 CHUNK = 4096  # elements a program moves
 
 
@@ -62,17 +64,11 @@ def copy_blocks(storage: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> None
     if len(pairs) == 1:
         index, (src0, dst0) = storage, pairs[0]  # the tensor argument goes unused
     else:
-        index, src0, dst0 = _on_device(pairs, storage.device), 0, 0
+        index = to_device_async(torch.tensor(pairs, dtype=torch.int64), storage.device)
+        src0, dst0 = 0, 0
     grid = (len(pairs), layers * kv, triton.cdiv(block_elems, CHUNK))
     _copy_blocks_kernel[grid](
         storage, index, src0, dst0, blocks * block_elems, block_elems,
         CHUNK=CHUNK, EVEN=block_elems % CHUNK == 0, SCALAR=len(pairs) == 1, num_warps=4,
     )
 
-
-def _on_device(pairs: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """int64 [n, 2] on ``device``; from pinned memory on CUDA, so the host never waits."""
-    host = torch.tensor(pairs, dtype=torch.int64)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
