@@ -15,7 +15,9 @@
 # validate: the attention kernel tests on the GPU, the record-sized tile sweep, the step
 # profile, the stream bench with its baselines and the agent bench with reuse. host:
 # the GPU tests of the engine, the read-back steps and the block copy, the stream bench
-# without baselines, and host_trace.py at three contexts. bench: the stream bench with its baselines and the agent bench.
+# without baselines, and host_trace.py at three contexts. bench: the stream bench with its
+# baselines and the agent bench. pipeline: the attention kernel tests on the GPU and
+# pipeline_sweep.py (carried pages over tiles and stages).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -59,6 +61,12 @@ if [ "$MODE" = host ]; then  # a change's GPU tests, the stream bench, the host'
         --push-samples 100 --out "$SCRATCH/stream"
     step host_trace 120 python3 perf/host_trace.py --contexts 3000,19000,32000 --questions 20 \
         --out "$SCRATCH"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = pipeline ]; then  # the attention kernels' carried pages: tests, sweep
+    step gpu_tests 150 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or plan or tma"
+    step pipeline_sweep 400 python3 perf/pipeline_sweep.py --out "$SCRATCH/pipeline.json"
     echo done
     exit 0
 fi

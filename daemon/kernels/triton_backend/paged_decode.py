@@ -40,6 +40,7 @@ LOG2E = 1.4426950408889634
 MAX_SPLITS = 64
 MIN_KEYS_PER_SPLIT = 64  # one key tile; more splits won at 2.6k context on an H200
 PROGRAMS_PER_SM = 4  # memory-bound: several resident programs keep more loads in flight
+CARRY_PAGES = True  # look up a key tile's pages one iteration ahead (``_attend_split``)
 
 
 @triton.jit
@@ -65,32 +66,52 @@ def split_slots(ws, split, row, head, num_splits, n_rows, num_heads, HEAD_DIM: t
 
 
 @triton.jit
+def _split_pages(table, k0, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                 TMA: tl.constexpr):
+    """Where the key tile at k0 lives: TMA, the first cache row of its page (a page is one
+    tile); else each key's page number, zeros at or past end (so also for the loop's look
+    ahead past its last tile, where TMA reads the last tile's entry)."""
+    if TMA:
+        entry = tl.maximum(tl.minimum(k0, end - 1), 0) // BLOCK_SIZE
+        page = tl.load(table + entry).to(tl.int32) * BLOCK_SIZE
+    else:
+        keys = k0 + tl.arange(0, BLOCK_N)
+        page = tl.load(table + keys // BLOCK_SIZE, mask=keys < end, other=0).to(tl.int64)
+    return page
+
+
+@triton.jit
 def _attend_split(q, k_cache, v_cache, k_desc, v_desc, table, first, start, end, kv_head,
                   scale_log2, stride_kb, stride_ks, stride_kh,
                   GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
                   BLOCK_N: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-                  TMA: tl.constexpr):
+                  TMA: tl.constexpr, CARRY: tl.constexpr):
     """Online softmax of the group's query rows over keys [max(start, first), end): (acc, max,
     sum). TMA: tiles are whole pages (start is page-aligned, so it may precede first), each
-    loaded with one descriptor copy; else pointer loads through the block table."""
+    loaded with one descriptor copy; else pointer loads through the block table. CARRY looks
+    the next tile's pages up one iteration ahead, as the prefill kernel's loop does (there
+    the reason is given)."""
     dims = tl.arange(0, HEAD_DIM)
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    page = _split_pages(table, start, end, BLOCK_SIZE, BLOCK_N, TMA)
     for k0 in range(start, end, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
+        if not CARRY:
+            page = _split_pages(table, k0, end, BLOCK_SIZE, BLOCK_N, TMA)
         if TMA:
             key_ok = (keys < end) & (keys >= first)
-            row = tl.load(table + k0 // BLOCK_SIZE).to(tl.int32) * BLOCK_SIZE
             # a page's slots outside the keys hold stale (even NaN) values: zero them
-            k = tl.where(key_ok[None, :], tl.trans(k_desc.load([row, kv_head * HEAD_DIM])), 0.0)
-            v = tl.where(key_ok[:, None], v_desc.load([row, kv_head * HEAD_DIM]), 0.0)
+            k = tl.where(key_ok[None, :], tl.trans(k_desc.load([page, kv_head * HEAD_DIM])), 0.0)
+            v = tl.where(key_ok[:, None], v_desc.load([page, kv_head * HEAD_DIM]), 0.0)
         else:
             key_ok = keys < end
-            page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
             kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
             k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
                         other=0.0)
+        if CARRY:
+            page = _split_pages(table, k0 + BLOCK_N, end, BLOCK_SIZE, BLOCK_N, TMA)
         s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -126,7 +147,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
     HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-    USE_PDL: tl.constexpr, TMA: tl.constexpr,
+    USE_PDL: tl.constexpr, TMA: tl.constexpr, CARRY: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     seq = tl.program_id(0)
@@ -155,7 +176,7 @@ def _decode_split_kernel(
     acc, m_i, l_i = _attend_split(q, k_cache, v_cache, k_desc, v_desc, table, first, start, end,
                                   kv_head, scale_log2, stride_kb, stride_ks, stride_kh,
                                   GROUP_PAD, HEAD_DIM, BLOCK_SIZE, BLOCK_N, UPCAST, PRECISION,
-                                  TMA)
+                                  TMA, CARRY)
     if SPLIT:
         _store_partials(acc, m_i, l_i, ws, seq, split, heads, row_ok, GROUP, HEAD_DIM)
     else:
@@ -310,7 +331,8 @@ def _decode(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         BLOCK_SIZE=k_cache.shape[1], BLOCK_N=block_n, SPLIT=num_splits > 1,
         HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
-        num_warps=warps, num_stages=stages, TMA=use_tma, **pdl.launch_args(q.device),
+        num_warps=warps, num_stages=stages, TMA=use_tma, CARRY=CARRY_PAGES,
+        **pdl.launch_args(q.device),
     )
     if num_splits > 1:
         combine_splits(ws, num_splits, out)

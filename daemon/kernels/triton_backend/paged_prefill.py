@@ -43,6 +43,7 @@ SPLIT_PROGRAMS_PER_SM = 2
 MAX_ROWS = 128
 LAZY_RESCALE = True  # defer the online softmax's rescaling where it measured faster
 RESCALE_LOG2 = tl.constexpr(8.0)  # how far (log2) a row's maximum may outgrow its reference
+CARRY_PAGES = True  # look up a key tile's pages one iteration ahead (``_attend_tiles``)
 
 
 @triton.jit
@@ -59,32 +60,47 @@ def _find_sequence(query_starts, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head,
+def _tile_pages(table, t, t_end, ctx, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+                TMA: tl.constexpr):
+    """Where key tile t lives: TMA, the first cache row of its page (one page is one tile);
+    else each key's page number. A tile at or past t_end (the loop's last look ahead) reads
+    an earlier entry of the table (TMA) or zeros, as do keys at or past ctx."""
+    if TMA:
+        entry = tl.maximum(tl.minimum(t, t_end - 1), 0)
+        page = tl.load(table + entry).to(tl.int32) * BLOCK_SIZE
+    else:
+        keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        ok = (keys < ctx) & (keys < t_end * BLOCK_N)
+        page = tl.load(table + keys // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+    return page
+
+
+@triton.jit
+def _load_kv(k_cache, v_cache, k_desc, v_desc, page, t, ctx, kv_head,
              stride_kb, stride_ks, stride_kh, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-    """Key tile t: K as [HEAD_DIM, BLOCK_N] and V as [BLOCK_N, HEAD_DIM]; keys at or past ctx
-    read as zeros. TMA: one descriptor load per tensor (a page is one tile, BLOCK_SIZE ==
-    BLOCK_N); else pointer loads through the block table, one page number per key."""
+    """Key tile t from its pages (``_tile_pages``): K as [HEAD_DIM, BLOCK_N] and V as
+    [BLOCK_N, HEAD_DIM]; keys at or past ctx read as zeros. TMA: one descriptor load per
+    tensor (a page is one tile, BLOCK_SIZE == BLOCK_N); else pointer loads."""
     keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
     key_ok = keys < ctx
     dims = tl.arange(0, HEAD_DIM)
     if TMA:
-        row = tl.load(table + t).to(tl.int32) * BLOCK_SIZE
-        k = tl.trans(k_desc.load([row, kv_head * HEAD_DIM]))
-        v = v_desc.load([row, kv_head * HEAD_DIM])
+        k = tl.trans(k_desc.load([page, kv_head * HEAD_DIM]))
+        v = v_desc.load([page, kv_head * HEAD_DIM])
         if MASKED:  # a page's slots past the context hold stale (even NaN) values
             k = tl.where(key_ok[None, :], k, 0.0)
             v = tl.where(key_ok[:, None], v, 0.0)
-    elif MASKED:
-        page = tl.load(table + keys // BLOCK_SIZE, mask=key_ok, other=0).to(tl.int64)
-        kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :], other=0.0)
-        v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
     else:
-        page = tl.load(table + keys // BLOCK_SIZE).to(tl.int64)
         kv_off = page * stride_kb + (keys % BLOCK_SIZE) * stride_ks + kv_head * stride_kh
-        k = tl.load(k_cache + kv_off[None, :] + dims[:, None])
-        v = tl.load(v_cache + kv_off[:, None] + dims[None, :])
+        if MASKED:
+            k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
+                        other=0.0)
+            v = tl.load(v_cache + kv_off[:, None] + dims[None, :], mask=key_ok[:, None],
+                        other=0.0)
+        else:
+            k = tl.load(k_cache + kv_off[None, :] + dims[:, None])
+            v = tl.load(v_cache + kv_off[:, None] + dims[None, :])
     return k, v
 
 
@@ -94,14 +110,25 @@ def _attend_tiles(
     k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
     scale_log2, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
-    PRECISION: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
+    PRECISION: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr, CARRY: tl.constexpr,
 ):
     """Online softmax over key tiles [t_start, t_end); MASKED applies causal/window/length;
-    LAZY defers rescaling on unmasked tiles (``_lazy_update``)."""
+    LAZY defers rescaling on unmasked tiles (``_lazy_update``).
+
+    CARRY looks up the next tile's pages one iteration ahead, so a tile's K/V addresses do
+    not hang on a block-table load of the same iteration: with them, triton's pipeliner
+    issued each tile's copies only after the previous tile's products and waited on them at
+    once (no prefetch at any num_stages); carried, num_stages >= 3 keeps the next tile's
+    copies in flight during this one's products."""
+    page = _tile_pages(table, t_start, t_end, ctx, BLOCK_SIZE, BLOCK_N, TMA)
     for t in range(t_start, t_end):
         keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        k, v = _load_kv(k_cache, v_cache, k_desc, v_desc, table, t, ctx, kv_head, stride_kb,
+        if not CARRY:
+            page = _tile_pages(table, t, t_end, ctx, BLOCK_SIZE, BLOCK_N, TMA)
+        k, v = _load_kv(k_cache, v_cache, k_desc, v_desc, page, t, ctx, kv_head, stride_kb,
                         stride_ks, stride_kh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, TMA)
+        if CARRY:
+            page = _tile_pages(table, t + 1, t_end, ctx, BLOCK_SIZE, BLOCK_N, TMA)
         s = mma(q, k, None, UPCAST, PRECISION)
         if LAZY and not MASKED:
             acc, m_i, l_i = _lazy_update(acc, m_i, l_i, s, v, scale_log2, UPCAST, PRECISION)
@@ -156,6 +183,7 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
+    CARRY: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     tile = tl.program_id(0)
@@ -209,15 +237,18 @@ def _prefill_kernel(
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, s_lo, tl.minimum(s_hi, f_lo), ctx, window,
         k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
-        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY)
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY,
+        CARRY)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, tl.maximum(s_lo, f_lo), tl.minimum(s_hi, f_hi), ctx, window,
         k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
-        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY)
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, False, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY,
+        CARRY)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q, q_pos, tl.maximum(s_lo, f_hi), s_hi, ctx, window,
         k_cache, v_cache, k_desc, v_desc, table, kv_head, stride_kb, stride_ks, stride_kh,
-        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY)
+        scale_log2, HEAD_DIM, BLOCK_SIZE, BLOCK_N, True, HAS_WINDOW, UPCAST, PRECISION, TMA, LAZY,
+        CARRY)
 
     num_heads = tl.num_programs(1) * GROUP
     if SPLIT:
@@ -353,7 +384,7 @@ def _attend(
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
         num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma,
-        LAZY=_defers_rescale(plan["block_m"], use_tma),
+        LAZY=_defers_rescale(plan["block_m"], use_tma), CARRY=CARRY_PAGES,
         **pdl.launch_args(q.device),
     )
     if splits > 1:
