@@ -17,7 +17,8 @@
 # the GPU tests of the engine, the read-back steps and the block copy, the stream bench
 # without baselines, and host_trace.py at three contexts. bench: the stream bench with its
 # baselines and the agent bench. pipeline: the attention kernel tests on the GPU and
-# pipeline_sweep.py (carried pages over tiles and stages).
+# pipeline_sweep.py (carried pages over tiles and stages). carry: the kernels before and as
+# bound, the step profile, the stream bench with its baselines, the GPU tests.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -67,6 +68,16 @@ fi
 if [ "$MODE" = pipeline ]; then  # the attention kernels' carried pages: tests, sweep
     step gpu_tests 150 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or plan or tma"
     step pipeline_sweep 400 python3 perf/pipeline_sweep.py --out "$SCRATCH/pipeline.json"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = carry ]; then  # the carried pages as bound: kernels, steps, benches, tests
+    step pipeline_quick 90 python3 perf/pipeline_sweep.py --quick --out "$SCRATCH/pipeline.json"
+    step step 100 python3 perf/step_profile.py --contexts 19000,34000 --out "$SCRATCH/step.json"
+    step stream_bench 240 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
+        --out "$SCRATCH/stream"
+    step gpu_tests 150 python3 -m pytest -q -x tests/test_gpu_exactness.py \
+        tests/test_triton_kernels.py -k "gpu or cuda"
     echo done
     exit 0
 fi

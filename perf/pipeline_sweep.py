@@ -41,28 +41,30 @@ UNSPLIT_TILES = [  # unsplit prefill, TMA loads (BLOCK_N is the page)
 DECODE_TILES = [  # (BLOCK_N, warps, stages)
     (64, 4, 3), (64, 4, 4), (32, 4, 3), (32, 4, 4), (32, 4, 6), (64, 8, 3), (128, 4, 3),
 ]
-PREFILL = {  # name: (query tokens per sequence, keys per sequence, sequences, split)
-    "question 32 @ 19k": (32, 19000, 1, True),
-    "question 32 @ 32k": (32, 32000, 1, True),
-    "record 51 @ 32k": (51, 32000, 1, True),
-    "64 questions 32 @ 4k": (32, 4096, 64, False),
-    "chunk 4096 @ 8k": (4096, 8192, 1, False),
+PREFILL = {  # name: (query tokens per sequence, keys per sequence, sequences, split, tiles before)
+    "question 32 @ 19k": (32, 19000, 1, True, (128, 64, 4, 2)),
+    "question 32 @ 32k": (32, 32000, 1, True, (128, 64, 4, 2)),
+    "record 51 @ 32k": (51, 32000, 1, True, (128, 64, 4, 2)),
+    "64 questions 32 @ 4k": (32, 4096, 64, False, (128, 64, 4, 2)),
+    "chunk 4096 @ 8k": (4096, 8192, 1, False, (64, 64, 4, 2)),
 }
 DECODE = {"decode 1 @ 19k": (1, 19000), "decode 64 @ 4k": (64, 4096)}
+DECODE_BEFORE = (64, 4, 2)  # tiles, with splits for four programs per SM
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--only", default="", help="run only cases whose name contains this")
+    p.add_argument("--quick", action="store_true", help="only the kernels before and as bound")
     p.add_argument("--out", default="")
     args = p.parse_args()
     rows: list[dict] = []
-    for name, (q_len, ctx, seqs, split) in PREFILL.items():
+    for name, (q_len, ctx, seqs, split, before) in PREFILL.items():
         if args.only in name:
-            rows.extend(_prefill_case(name, q_len, ctx, seqs, split))
+            rows.extend(_prefill_case(name, q_len, ctx, seqs, split, before, args.quick))
     for name, (seqs, ctx) in DECODE.items():
         if args.only in name:
-            rows.extend(_decode_case(name, seqs, ctx))
+            rows.extend(_decode_case(name, seqs, ctx, args.quick))
     variants = _compiled_variants()
     if args.out:
         Path(args.out).write_text(json.dumps({"timings": rows, "compiled": variants}, indent=2))
@@ -88,24 +90,25 @@ def _compiled_variants() -> list[dict]:
     return rows
 
 
-def _prefill_case(name: str, q_len: int, ctx: int, seqs: int, split: bool) -> list[dict]:
+def _prefill_case(name: str, q_len: int, ctx: int, seqs: int, split: bool,
+                  before: tuple, quick: bool) -> list[dict]:
     inputs = paged_batch([q_len] * seqs, [ctx] * seqs, PAGE)
     plan = paged_prefill._plan(inputs[0], inputs[1], inputs[3])
-    grid = SPLIT_TILES if split else UNSPLIT_TILES
-    split_choices = (None, max(1, plan["splits"] // 2)) if split else (None,)
+    grid = [] if quick else SPLIT_TILES if split else UNSPLIT_TILES
+    split_choices = (None, plan["splits"]) if split else (None,)  # two per SM, the plan's
 
     def run(carry: bool, tiles: tuple | None, splits: int | None) -> Callable[[], torch.Tensor]:
         def attend() -> torch.Tensor:
             return paged_prefill.paged_prefill_attention_tma(*inputs, D**-0.5, None, splits)
         return _with(paged_prefill, carry, tiles, attend)
 
-    variants = [("as bound (no carry)", False, None, None), ("carry, plan tiles", True, None, None)]
+    variants = [(f"before: no carry, {before}", False, before, None), ("as bound", True, None, None)]
     variants += [(f"carry {t} splits {s or 'plan'}", True, t, s) for t in grid for s in split_choices]
     print(f"{name}: plan {plan}", flush=True)
     return _time(name, variants, run)
 
 
-def _decode_case(name: str, seqs: int, ctx: int) -> list[dict]:
+def _decode_case(name: str, seqs: int, ctx: int, quick: bool) -> list[dict]:
     inputs = paged_batch([1] * seqs, [ctx] * seqs, PAGE)
     splits = paged_decode.graph_splits(seqs, inputs[1].shape[2], inputs[0].device)
     split_choices = (splits, max(1, splits // 2)) if splits > 1 else (splits,)
@@ -115,23 +118,31 @@ def _decode_case(name: str, seqs: int, ctx: int) -> list[dict]:
             return paged_decode.paged_decode_attention(*inputs, D**-0.5, None, n or splits)
         return _with(paged_decode, carry, tiles, attend)
 
-    variants = [("as bound (no carry)", False, None, None), ("carry, plan tiles", True, None, None)]
-    variants += [(f"carry {t} splits {s}", True, t, s) for t in DECODE_TILES for s in split_choices]
+    old = paged_decode.choose_splits(seqs * inputs[1].shape[2], 4096, inputs[0].device, per_sm=4)
+    variants = [(f"before: no carry, {DECODE_BEFORE} splits {old}", False, DECODE_BEFORE, old),
+                (f"as bound, splits {splits}", True, None, None)]
+    grid = [] if quick else DECODE_TILES
+    variants += [(f"carry {t} splits {s}", True, t, s) for t in grid for s in split_choices]
     print(f"{name}: graph splits {splits}", flush=True)
     return _time(name, variants, run)
 
 
 def _with(module, carry: bool, tiles: tuple | None, fn: Callable[[], torch.Tensor]):
-    """fn run with the module's CARRY_PAGES and (when given) its _tiles overridden."""
+    """fn run with the module's CARRY_PAGES and (when given) its tiles overridden: prefill's
+    split launches then plan their splits for two programs per SM."""
     def call() -> torch.Tensor:
-        saved = module.CARRY_PAGES, module._tiles
+        saved = module.CARRY_PAGES, module._tiles, getattr(module, "_split_tiles", None)
         module.CARRY_PAGES = carry
         if tiles is not None:
             module._tiles = lambda *a, t=tiles: t
+            if saved[2] is not None:
+                module._split_tiles = lambda *a, t=tiles: (*t, 2)
         try:
             return fn()
         finally:
-            module.CARRY_PAGES, module._tiles = saved
+            module.CARRY_PAGES, module._tiles = saved[:2]
+            if saved[2] is not None:
+                module._split_tiles = saved[2]
     return call
 
 

@@ -50,7 +50,7 @@ def main() -> int:
     kernel = (paged_prefill.paged_prefill_attention_tma if args.tma
               else paged_prefill.paged_prefill_attention)
     page = 64 if args.tma else BLOCK
-    original = paged_prefill._tiles
+    original = paged_prefill._tiles, paged_prefill._split_tiles
     rows = []
     tiles_grid, splits_grid = (TILES, SPLITS) if args.grid == "short" else (LONG_TILES, (0,))
     if args.tiles:
@@ -75,6 +75,7 @@ def main() -> int:
         best = None
         for tiles in tiles_grid:
             paged_prefill._tiles = lambda head_dim, dtype, rows, t=tiles: t  # noqa: E731
+            paged_prefill._split_tiles = lambda head_dim, dtype, rows, t=tiles: (*t, 2)  # noqa: E731
             for splits in splits_grid:
                 try:
                     us = 1e3 * graph_ms(lambda s=splits: attend(s or None))
@@ -86,7 +87,7 @@ def main() -> int:
                 )
                 if best is None or us < best["us"]:
                     best = rows[-1]
-        paged_prefill._tiles = original
+        paged_prefill._tiles, paged_prefill._split_tiles = original
         default = 1e3 * graph_ms(lambda: attend(None))  # noqa: B023 (called at once)
         print(
             f"ctx {ctx} q {q_len}: current {default:.1f} us, best {best['us']:.1f} us with tiles "

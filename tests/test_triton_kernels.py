@@ -255,9 +255,9 @@ def test_prefill_needs_only_the_batch_shape_from_the_host() -> None:
 def test_decode_splits_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     pd, cuda = K.paged_decode, torch.device("cuda")
     monkeypatch.setattr(pd, "sm_count", lambda device: 132)
-    assert pd.choose_splits(8, 19_000, cuda) == pd.MAX_SPLITS  # one sequence: fill 132 SMs
+    assert pd.choose_splits(8, 19_000, cuda) == 33  # one sequence: 2 programs on 132 SMs
     assert pd.choose_splits(64 * 8, 4096, cuda) == 1  # 64 sequences fill it already
-    assert pd.choose_splits(16 * 8, 4096, cuda) == 5
+    assert pd.choose_splits(16 * 8, 4096, cuda) == 3  # 2 programs on each of 132 SMs
     assert pd.choose_splits(8, 300, cuda) == -(-300 // pd.MIN_KEYS_PER_SPLIT)  # no tiny splits
     assert pd.choose_splits(8, 0, cuda) == 1
 

@@ -265,31 +265,45 @@ def _prefill_kernel(
 
 
 def _tiles(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for this head size, dtype and row need."""
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) of an unsplit launch for this head size,
+    dtype and row need (``_split_tiles``: a launch split over keys)."""
     block_m = max(16, min(MAX_ROWS, triton.next_power_of_2(rows)))
     if dtype == torch.float32:
         block_m = min(block_m, 64)
         return block_m, 32, 4, 2
     if head_dim > 128:
         return min(block_m, 64), 32, 8, 2
-    # H200 sweeps (perf/prefill_sweep.py): for one tile of rows (a short question) BLOCK_N 64
-    # took 10% off at 32k keys and 5% at 19k; for long chunks 64x64 led 128x32 at 512 and 2048
-    # queries over 8k and 32k keys, by 7-31% (results/*-prefill-long-d61294e.json)
+    # H200 sweeps: for long chunks 64x64 led 128x32 at 512 and 2048 queries over 8k and 32k
+    # keys, by 7-31% (results/*-prefill-long-d61294e.json); with the pages carried, three
+    # stages took 4096 queries over 8k keys from 1062 to 977 us (pipeline_sweep.py)
     if rows <= MAX_ROWS:
         return block_m, 64, 4, 2
-    return 64, 64, 4, 2
+    return 64, 64, 4, 3
+
+
+def _split_tiles(head_dim: int, dtype: torch.dtype, rows: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages, programs per SM) of a launch split over keys:
+    a few row tiles over a long context (a question, a pushed record).
+
+    Every row tile reads the whole context, so a chunk of several tiles takes the widest.
+    With the pages carried (``_attend_tiles``) three stages keep the next key tile in flight;
+    a 128-row tile then wants 8 warps (4 spill) and 129 KiB of shared memory, one program
+    per SM, so it splits half as far. H200, ``pipeline_sweep.py``: a 32-token question over
+    19k / 32k keys 50.1 / 69.8 -> 41.9 / 60.9 us, a 51-token record over 32k 140 -> 102 us."""
+    if dtype == torch.float32 or head_dim > 128:
+        return (*_tiles(head_dim, dtype, min(rows, MAX_ROWS)), SPLIT_PROGRAMS_PER_SM)
+    if rows <= 64:
+        return max(16, triton.next_power_of_2(rows)), 64, 4, 3, SPLIT_PROGRAMS_PER_SM
+    return MAX_ROWS, 64, 8, 3, 1
 
 
 def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[str, int]:
     """Tile sizes, grid and split count, from host-side sizes only.
 
-    Chunks of more rows than one tile take several row tiles, each of which reads the whole
-    context. When those tiles are too few to fill the GPU (a record of session data over a
-    long context: the launch is split over keys), every extra tile is another read of the
-    KV, so they take the widest tile: on an H200 at 34k keys a 51-token data step spent
-    5.9 ms in attention with four 64-row tiles per head (the question's single 128-row tile:
-    1.9 ms). Chunks whose narrower tiles fill the GPU unsplit keep them: the sweep found
-    those faster for 512 and 2048 queries (perf/prefill_sweep.py --grid long)."""
+    A launch whose row tiles fill the GPU runs unsplit with ``_tiles``; one with too few (a
+    short chunk over a long context) is split over keys with ``_split_tiles``. The split
+    count is sized for the capture's context (``graphs.py`` captures at the largest), and
+    each program derives its own key range on the device."""
     num_heads, head_dim = q.shape[1], q.shape[2]
     num_kv_heads = k_cache.shape[2]
     group = num_heads // num_kv_heads
@@ -297,18 +311,19 @@ def _plan(q: torch.Tensor, k_cache: torch.Tensor, meta: AttentionMeta) -> dict[s
     q_lens = [b - a for a, b in zip(starts[:-1], starts[1:], strict=True)]
     context = max(meta.context_lens_list)
 
-    def splits_for(block_q: int) -> int:
+    def splits_for(block_q: int, per_sm: int) -> int:
         real_tiles = sum(triton.cdiv(n, block_q) for n in q_lens) * num_kv_heads
-        return choose_splits(real_tiles, context, q.device, per_sm=SPLIT_PROGRAMS_PER_SM)
+        return choose_splits(real_tiles, context, q.device, per_sm=per_sm)
 
     rows = max(q_lens) * group
     block_m, block_n, warps, stages = _tiles(head_dim, q.dtype, rows)
-    widest = _tiles(head_dim, q.dtype, MAX_ROWS)
-    if block_m < widest[0] < rows and splits_for(block_m // group) > 1:
-        block_m, block_n, warps, stages = widest
+    per_sm = SPLIT_PROGRAMS_PER_SM
+    if splits_for(block_m // group, per_sm) > 1:
+        block_m, block_n, warps, stages, per_sm = _split_tiles(head_dim, q.dtype, rows)
     block_q = block_m // group
     return dict(group=group, block_m=block_m, block_n=block_n, block_q=block_q, warps=warps,
-                stages=stages, splits=splits_for(block_q), tiles=q.shape[0] // block_q + len(q_lens))
+                stages=stages, splits=splits_for(block_q, per_sm),
+                tiles=q.shape[0] // block_q + len(q_lens))
 
 
 def _defers_rescale(block_m: int, use_tma: bool) -> bool:
