@@ -240,11 +240,14 @@ def min_keys_per_split(device: torch.device) -> int:
 def choose_splits(
     programs: int, max_context: int, device: torch.device, per_sm: int = PROGRAMS_PER_SM
 ) -> int:
-    """Splits so that programs x splits fills the GPU, none shorter than the minimum."""
+    """Splits so that programs x splits fills the GPU in one wave, none shorter than the
+    minimum. Rounding up would start a few programs in a second wave that doubles the
+    launch: an H200's 32-token question with one 128-row program per SM took 79.7 us over
+    32k keys in 17 splits (136 programs on 132 SMs), 60.9 in 16."""
     target = per_sm * sm_count(device)
     if 2 * programs > target:  # already half full: a split's merge costs more than it gains
         return 1
-    want = triton.cdiv(target, max(programs, 1))
+    want = target // max(programs, 1)
     by_length = triton.cdiv(max(max_context, 1), min_keys_per_split(device))
     return max(1, min(want, by_length, MAX_SPLITS))
 
