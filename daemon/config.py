@@ -66,6 +66,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # launch a decode step before the last one's tokens reach the host (its input ids are
     # copied on the device), so host work overlaps the GPU; off: one step at a time
     decode_run_ahead: bool = True
+    # at start, move every object alive (the model, compiled kernels, graphs) out of the
+    # cyclic collector's reach, so a full collection mid-stream walks only what came later
+    gc_freeze: bool = True
     graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
     graph_max_question: int = 128  # the longest question prefill captured (0 = none)
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
@@ -313,6 +316,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cuda_graphs": (lambda v: True, "true or false"),
     "warm_up_kernels": (lambda v: True, "true or false"),
     "decode_run_ahead": (lambda v: True, "true or false"),
+    "gc_freeze": (lambda v: True, "true or false"),
     "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
     "graph_max_question": (lambda v: 0 <= v <= 128, "from 0 to 128"),
     "event_buffer": (lambda v: 1 <= v <= 1_000_000, "from 1 to 1000000 events"),

@@ -18,7 +18,8 @@
 # without baselines, and host_trace.py at three contexts. bench: the stream bench with its
 # baselines and the agent bench. pipeline: the attention kernel tests on the GPU and
 # pipeline_sweep.py (carried pages over tiles and stages). carry: the kernels before and as
-# bound, the step profile, the stream bench with its baselines, the GPU tests.
+# bound, the step profile, the stream bench with its baselines, the GPU tests. freeze: the
+# stream bench with its baselines, then without them and with gc_freeze off.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -78,6 +79,14 @@ if [ "$MODE" = carry ]; then  # the carried pages as bound: kernels, steps, benc
         --out "$SCRATCH/stream"
     step gpu_tests 150 python3 -m pytest -q -x tests/test_gpu_exactness.py \
         tests/test_triton_kernels.py -k "gpu or cuda"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = freeze ]; then  # the benches of record, and push latency with gc_freeze off
+    step stream_bench 240 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
+        --out "$SCRATCH/stream"
+    step stream_nofreeze 150 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+        --repeats 4 --push-samples 100 --no-gc-freeze --out "$SCRATCH/stream_nofreeze"
     echo done
     exit 0
 fi

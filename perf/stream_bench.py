@@ -144,16 +144,50 @@ class Bench:
             raise RuntimeError(f"classification answered {done.choice!r}")
         return (time.perf_counter() - start) * 1e3
 
-    async def push_to_queryable(self, sid: str, count: int) -> list[float]:
-        out = []
+    async def push_to_queryable(self, sid: str, count: int) -> dict[str, Any]:
+        """Latency of ``count`` single-record pushes, each with the worker steps it took and
+        the collector's pauses (by generation) that fell inside it: what a tail is made of."""
+        samples = []
         for _ in range(count):
-            start = time.perf_counter()
-            await self.engine.push(sid, [record(self.next_record)])
-            self.next_record += 1
-            await self.wait_ingested(sid)
-            out.append((time.perf_counter() - start) * 1e3)
+            steps = self.engine.worker.steps
+            with GcPauses() as pauses:
+                start = time.perf_counter()
+                await self.engine.push(sid, [record(self.next_record)])
+                self.next_record += 1
+                await self.wait_ingested(sid)
+                ms = (time.perf_counter() - start) * 1e3
+            samples.append({"ms": ms, "steps": self.engine.worker.steps - steps,
+                            "gc_ms": pauses.by_generation()})
             await asyncio.sleep(0.002)
-        return out
+        lat = [s["ms"] for s in samples]
+        return {"median": statistics.median(lat), "p99": pct(lat, 0.99), "samples": samples}
+
+
+class GcPauses:
+    """Pauses of Python's cyclic collector while the block runs (through ``gc.callbacks``)."""
+
+    def __init__(self) -> None:
+        self.pauses: list[tuple[int, float]] = []
+        self._began = 0.0
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        gc.callbacks.remove(self._note)
+
+    def _note(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._began = time.perf_counter()
+        else:
+            self.pauses.append((info["generation"], (time.perf_counter() - self._began) * 1e3))
+
+    def by_generation(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for gen, ms in self.pauses:
+            total[str(gen)] = total.get(str(gen), 0.0) + ms
+        return total
 
 
 async def engine_run(model: LoadedModel, config: Config, args: argparse.Namespace, full: bool) -> dict:
@@ -183,8 +217,7 @@ async def engine_run(model: LoadedModel, config: Config, args: argparse.Namespac
             out["contexts"][ctx] = row
             print(f"  context {row['context_tokens']}: first token {row['first_token_ms']['median']:.2f} ms", flush=True)
         if full:
-            lat = await bench.push_to_queryable(sid, args.push_samples)
-            out["push_to_queryable_ms"] = {"median": statistics.median(lat), "p99": pct(lat, 0.99)}
+            out["push_to_queryable_ms"] = await bench.push_to_queryable(sid, args.push_samples)
             await engine.close_session(sid)
             if args.sessions:
                 out["many_sessions"] = await many_sessions(bench, args)
@@ -338,6 +371,8 @@ def parse_args() -> argparse.Namespace:
                    help="step decode one token at a time (the host waits for each step)")
     p.add_argument("--no-kernel-warm-up", action="store_true",
                    help="skip the start-up compile of every kernel variant (an A/B of its cost)")
+    p.add_argument("--no-gc-freeze", action="store_true",
+                   help="leave start-up objects in the cyclic collector's walks (gc_freeze off)")
     p.add_argument("--cache-dir", default=os.environ.get("LIVELM_HOME", "/tmp/livelm-cache"))
     p.add_argument("--out", default="perf/results")
     return p.parse_args()
@@ -348,7 +383,8 @@ def main() -> int:
     config = Config(model=args.model, device="cuda", dtype=args.dtype, cache_dir=args.cache_dir,
                     kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     kernel_policy=args.kernel_policy, warm_up_kernels=not args.no_kernel_warm_up,
-                    decode_run_ahead=not args.no_decode_ahead, block_size=args.block_size)
+                    decode_run_ahead=not args.no_decode_ahead, block_size=args.block_size,
+                    gc_freeze=not args.no_gc_freeze)
     device = config.torch_device()
     ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)
@@ -378,6 +414,7 @@ def main() -> int:
         "date": time.strftime("%Y-%m-%d"), "args": vars(args),
     }
     print(table(results, model_config, ceilings))
+    print(push_tail(results["livelm"].get("push_to_queryable_ms")))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gpu = results["meta"]["gpu"].replace(" ", "-").lower()
@@ -385,6 +422,18 @@ def main() -> int:
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {path}")
     return 0
+
+
+def push_tail(push: dict[str, Any] | None) -> str:
+    """One line on the slowest tenth of the push samples: their steps and collector pauses."""
+    if not push:
+        return "push tail: not measured"
+    tail = sorted(push["samples"], key=lambda s: s["ms"])[-max(1, len(push["samples"]) // 10):]
+    multi = sum(s["steps"] > 1 for s in tail)
+    gc_ms = [sum(s["gc_ms"].values()) for s in tail]
+    return (f"push tail (slowest {len(tail)}): {tail[0]['ms']:.2f}-{tail[-1]['ms']:.2f} ms, "
+            f"{multi} took more than one step, {sum(g > 0 for g in gc_ms)} had a collection "
+            f"(up to {max(gc_ms):.2f} ms)")
 
 
 def _git_commit() -> str:
