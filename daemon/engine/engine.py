@@ -558,8 +558,8 @@ class Engine:
 def _freeze_heap() -> None:
     """Collects once, then moves every live object (the model, compiled kernels, captured
     graphs, the tokenizer) to the collector's permanent generation. A full collection later
-    walks only objects made since, so its pause, taken on the event loop or the worker
-    thread whichever allocates at the time, stays short."""
+    walks only objects made since, so its pause stays short (it falls on whichever of the
+    event loop and the worker thread allocates at the time, stalling every session)."""
     gc.collect()
     gc.freeze()
     log.info("gc frozen", extra={"frozen_objects": gc.get_freeze_count()})
