@@ -67,7 +67,7 @@ if [ "$MODE" = host ]; then  # a change's GPU tests, the stream bench, the host'
     exit 0
 fi
 if [ "$MODE" = pipeline ]; then  # the attention kernels' carried pages: tests, sweep
-    step gpu_tests 150 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or plan or tma"
+    step gpu_tests 240 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or plan or tma"
     step pipeline_sweep 400 python3 perf/pipeline_sweep.py --out "$SCRATCH/pipeline.json"
     echo done
     exit 0
@@ -77,7 +77,7 @@ if [ "$MODE" = carry ]; then  # the carried pages as bound: kernels, steps, benc
     step step 100 python3 perf/step_profile.py --contexts 19000,34000 --out "$SCRATCH/step.json"
     step stream_bench 240 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
         --out "$SCRATCH/stream"
-    step gpu_tests 150 python3 -m pytest -q -x tests/test_gpu_exactness.py \
+    step gpu_tests 240 python3 -m pytest -q -x tests/test_gpu_exactness.py \
         tests/test_triton_kernels.py -k "gpu or cuda"
     echo done
     exit 0

@@ -5,11 +5,13 @@ Triton's pipeliner issued a key tile's copies only after the previous tile's pro
 tile's addresses came from a block-table load of the same iteration, and waited on them at
 once, at any ``num_stages``: the loads were never in flight during compute. Looking the pages
 up one iteration ahead lets ``num_stages >= 3`` keep the next tile in flight. This sweep times,
-per shape, the kernels as bound before (``CARRY`` off, the plan's tiles) and with pages carried
-over a grid of tiles and stages, checks every variant's output against the first, and prints
-the best. 64-token KV blocks, as the engine's default; Llama-3.1-8B head shapes.
+per shape, the kernels as they were bound before (``CARRY`` off, two stages, the tiles of
+then; prefill splits for two programs per SM, rounded down as now), as bound now, and (unless
+``--quick``) with pages carried over a grid of tiles and stages; it checks every variant's
+output against the first, prints the best, and lists each compiled variant's registers,
+spills and wait depths. 64-token KV blocks, as the engine's default; Llama-3.1-8B heads.
 
-    python perf/pipeline_sweep.py --out results/pipeline.json
+    python perf/pipeline_sweep.py [--quick] --out results/pipeline.json
 """
 
 from __future__ import annotations
