@@ -17,6 +17,7 @@ from typing import Any
 
 os.environ.pop("TRITON_INTERPRET", None)
 
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
@@ -58,7 +59,7 @@ def waits(fn: Any, constants: dict[str, Any], warps: int, stages: int) -> list[i
 
 def question_prefill(carry: bool) -> list[int]:
     """The split launch a 32-token question over a long context gets (GQA group 4)."""
-    block_m, block_n, warps, stages, _ = paged_prefill._split_tiles(128, _bf16(), 32 * 4)
+    block_m, block_n, warps, stages, _ = paged_prefill._split_tiles(128, torch.bfloat16, 32 * 4)
     constants = dict(COMMON, GROUP=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_m // 4,
                      LAZY=False, CARRY=carry)
     return waits(paged_prefill._prefill_kernel, constants, warps, stages)
@@ -66,15 +67,9 @@ def question_prefill(carry: bool) -> list[int]:
 
 def split_decode(carry: bool) -> list[int]:
     """One sequence's decode row, split over the context."""
-    block_n, warps, stages = paged_decode._tiles(128, _bf16(), True)
+    block_n, warps, stages = paged_decode._tiles(128, torch.bfloat16, True)
     constants = dict(COMMON, GROUP=4, GROUP_PAD=16, BLOCK_N=block_n, CARRY=carry)
     return waits(paged_decode._decode_split_kernel, constants, warps, stages)
-
-
-def _bf16() -> Any:
-    import torch
-
-    return torch.bfloat16
 
 
 def main() -> int:
