@@ -19,7 +19,8 @@
 # baselines and the agent bench. pipeline: the attention kernel tests on the GPU and
 # pipeline_sweep.py (carried pages over tiles and stages). carry: the kernels before and as
 # bound, the step profile, the stream bench with its baselines, the GPU tests. freeze: the
-# stream bench with its baselines, then without them and with gc_freeze off.
+# stream bench with its baselines, then without them and with gc_freeze off. skinny: the
+# fused down projection's one-row path by stage count, then the benches of record.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -87,6 +88,13 @@ if [ "$MODE" = freeze ]; then  # the benches of record, and push latency with gc
         --out "$SCRATCH/stream"
     step stream_nofreeze 150 python3 perf/stream_bench.py --skip-hf --skip-stateless \
         --repeats 4 --push-samples 100 --no-gc-freeze --out "$SCRATCH/stream_nofreeze"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = skinny ]; then  # the CUDA-core path's pipelining, then the benches of record
+    step skinny 150 python3 perf/skinny_gemm_bench.py --shapes down_swiglu --rows 1,2 \
+        --out "$SCRATCH"
+    records 100
     echo done
     exit 0
 fi

@@ -152,8 +152,11 @@ def swiglu_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
         return config
     block_n, block_k = 32, 256 if dtype_bytes <= 2 else 128
     split = _split_count(triton.cdiv(n, block_n), k, block_k, 2 * num_sms)
+    # one stage: the loads of each K step are used in the same iteration, as measured above;
+    # more stages now prefetch the weight through shared memory (async copies), which
+    # ``perf/skinny_gemm_bench.py`` (its CUDA-core candidates take three) has yet to time
     return replace(config, block_m=1, block_n=block_n, block_k=block_k, split_k=split,
-                   num_stages=3)
+                   num_stages=1)
 
 
 def _split_count(tiles: int, k: int, block_k: int, programs: int) -> int:
@@ -262,6 +265,7 @@ def _skinny_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     COMBINE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     m0 = tl.program_id(2) * BLOCK_M
@@ -276,7 +280,9 @@ def _skinny_kernel(
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     x_cols = x_ptr + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    # the loop's own stage count: the same as the launch's for the dot path; the CUDA-core
+    # path's loads feed no dot, and only a loop-level count has triton pipeline them at all
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k_ok = k0 + cols < k_hi
         w = _load_w(w_ptrs, k_ok[None, :], EVEN_K)
         if USE_DOT:
@@ -390,7 +396,7 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, config: SkinnyConfig,
         # fp32 uses exact products (not tf32), to match an fp32 reference
         UPCAST=is_interpreted() and dtype == torch.bfloat16,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        SWIGLU=swiglu,
+        SWIGLU=swiglu, STAGES=config.num_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return _Plan(grid, k_per_split, combine, meta)
