@@ -66,11 +66,12 @@ def split_slots(ws, split, row, head, num_splits, n_rows, num_heads, HEAD_DIM: t
 
 
 @triton.jit
-def _split_pages(table, k0, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                 TMA: tl.constexpr):
-    """Where the key tile at k0 lives: TMA, the first cache row of its page (a page is one
-    tile); else each key's page number, zeros at or past end (so also for the loop's look
-    ahead past its last tile, where TMA reads the last tile's entry)."""
+def tile_pages(table, k0, end, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               TMA: tl.constexpr):
+    """Where the key tile starting at key k0 lives, for loops over keys below ``end``: TMA,
+    the first cache row of its page (a page is one tile); else each key's page number, zeros
+    at or past end (so also for a loop's look ahead past its last tile, where TMA reads the
+    last tile's entry). Both attention kernels' loops carry it one tile ahead."""
     if TMA:
         entry = tl.maximum(tl.minimum(k0, end - 1), 0) // BLOCK_SIZE
         page = tl.load(table + entry).to(tl.int32) * BLOCK_SIZE
@@ -95,11 +96,11 @@ def _attend_split(q, k_cache, v_cache, k_desc, v_desc, table, first, start, end,
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-    page = _split_pages(table, start, end, BLOCK_SIZE, BLOCK_N, TMA)
+    page = tile_pages(table, start, end, BLOCK_SIZE, BLOCK_N, TMA)
     for k0 in range(start, end, BLOCK_N):
         keys = k0 + tl.arange(0, BLOCK_N)
         if not CARRY:
-            page = _split_pages(table, k0, end, BLOCK_SIZE, BLOCK_N, TMA)
+            page = tile_pages(table, k0, end, BLOCK_SIZE, BLOCK_N, TMA)
         if TMA:
             key_ok = (keys < end) & (keys >= first)
             # a page's slots outside the keys hold stale (even NaN) values: zero them
@@ -111,7 +112,7 @@ def _attend_split(q, k_cache, v_cache, k_desc, v_desc, table, first, start, end,
             k = tl.load(k_cache + kv_off[None, :] + dims[:, None], mask=key_ok[None, :],
                         other=0.0)
         if CARRY:
-            page = _split_pages(table, k0 + BLOCK_N, end, BLOCK_SIZE, BLOCK_N, TMA)
+            page = tile_pages(table, k0 + BLOCK_N, end, BLOCK_SIZE, BLOCK_N, TMA)
         s = mma(q, k, None, UPCAST, PRECISION) * scale_log2
         s = tl.where(key_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

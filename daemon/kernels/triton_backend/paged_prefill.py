@@ -36,6 +36,7 @@ from livelm.daemon.kernels.triton_backend.paged_decode import (
     mma,
     split_slots,
     split_workspace,
+    tile_pages,
 )
 from livelm.daemon.kernels.triton_backend.pdl import wait_for_producer
 
@@ -60,26 +61,10 @@ def _find_sequence(query_starts, num_seqs, tile, BLOCK_Q: tl.constexpr):
 
 
 @triton.jit
-def _tile_pages(table, t, t_end, ctx, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-                TMA: tl.constexpr):
-    """Where key tile t lives: TMA, the first cache row of its page (one page is one tile);
-    else each key's page number. A tile at or past t_end (the loop's last look ahead) reads
-    an earlier entry of the table (TMA) or zeros, as do keys at or past ctx."""
-    if TMA:
-        entry = tl.maximum(tl.minimum(t, t_end - 1), 0)
-        page = tl.load(table + entry).to(tl.int32) * BLOCK_SIZE
-    else:
-        keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
-        ok = (keys < ctx) & (keys < t_end * BLOCK_N)
-        page = tl.load(table + keys // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
-    return page
-
-
-@triton.jit
 def _load_kv(k_cache, v_cache, k_desc, v_desc, page, t, ctx, kv_head,
              stride_kb, stride_ks, stride_kh, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
              BLOCK_N: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-    """Key tile t from its pages (``_tile_pages``): K as [HEAD_DIM, BLOCK_N] and V as
+    """Key tile t from its pages (``tile_pages``): K as [HEAD_DIM, BLOCK_N] and V as
     [BLOCK_N, HEAD_DIM]; keys at or past ctx read as zeros. TMA: one descriptor load per
     tensor (a page is one tile, BLOCK_SIZE == BLOCK_N); else pointer loads."""
     keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -120,15 +105,16 @@ def _attend_tiles(
     issued each tile's copies only after the previous tile's products and waited on them at
     once (no prefetch at any num_stages); carried, num_stages >= 3 keeps the next tile's
     copies in flight during this one's products."""
-    page = _tile_pages(table, t_start, t_end, ctx, BLOCK_SIZE, BLOCK_N, TMA)
+    key_end = tl.minimum(ctx, t_end * BLOCK_N)
+    page = tile_pages(table, t_start * BLOCK_N, key_end, BLOCK_SIZE, BLOCK_N, TMA)
     for t in range(t_start, t_end):
         keys = t * BLOCK_N + tl.arange(0, BLOCK_N)
         if not CARRY:
-            page = _tile_pages(table, t, t_end, ctx, BLOCK_SIZE, BLOCK_N, TMA)
+            page = tile_pages(table, t * BLOCK_N, key_end, BLOCK_SIZE, BLOCK_N, TMA)
         k, v = _load_kv(k_cache, v_cache, k_desc, v_desc, page, t, ctx, kv_head, stride_kb,
                         stride_ks, stride_kh, HEAD_DIM, BLOCK_SIZE, BLOCK_N, MASKED, TMA)
         if CARRY:
-            page = _tile_pages(table, t + 1, t_end, ctx, BLOCK_SIZE, BLOCK_N, TMA)
+            page = tile_pages(table, (t + 1) * BLOCK_N, key_end, BLOCK_SIZE, BLOCK_N, TMA)
         s = mma(q, k, None, UPCAST, PRECISION)
         if LAZY and not MASKED:
             acc, m_i, l_i = _lazy_update(acc, m_i, l_i, s, v, scale_log2, UPCAST, PRECISION)
