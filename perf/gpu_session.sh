@@ -113,15 +113,6 @@ if [ "$MODE" = norm ]; then  # the norm folded into one-row projections: tests, 
     echo done
     exit 0
 fi
-if [ "$MODE" = normwhy ]; then  # where the fused norm's time goes: by variant, by kernel
-    step norm_bench 120 python3 perf/norm_linear_bench.py --out "$SCRATCH"
-    step kernels_fused 100 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
-        --out "$SCRATCH/kernels_fused.json"
-    step kernels_unfused 100 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
-        --no-fused-norm --out "$SCRATCH/kernels_unfused.json"
-    echo done
-    exit 0
-fi
 if [ "$MODE" = bench ]; then  # the benches of record (stream with baselines, agent turns)
     step gpu_tests 60 python3 -m pytest -q tests/test_triton_kernels.py -k "block_cop"
     records 100
