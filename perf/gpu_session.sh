@@ -20,9 +20,7 @@
 # pipeline_sweep.py (carried pages over tiles and stages). carry: the kernels before and as
 # bound, the step profile, the stream bench with its baselines, the GPU tests. freeze: the
 # stream bench with its baselines, then without them and with gc_freeze off. skinny: the
-# fused down projection's one-row path by stage count, then the benches of record. norm: the
-# fused norm's GPU tests, the step profile with and without it, the stream bench without
-# baselines, the one-row down projection by stage count.
+# fused down projection's one-row path by stage count, then the benches of record.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -97,19 +95,6 @@ if [ "$MODE" = skinny ]; then  # the CUDA-core path's pipelining, then the bench
     step skinny 150 python3 perf/skinny_gemm_bench.py --shapes down_swiglu --rows 1,2 \
         --out "$SCRATCH"
     records 100
-    echo done
-    exit 0
-fi
-if [ "$MODE" = norm ]; then  # the norm folded into one-row projections: tests, A/B, benches
-    step gpu_tests 150 python3 -m pytest -q -x tests/test_triton_norm_linear.py \
-        tests/test_gpu_exactness.py -k "gpu or cuda"
-    step step 80 python3 perf/step_profile.py --contexts 19000,34000 --out "$SCRATCH/step.json"
-    step step_unfused 80 python3 perf/step_profile.py --contexts 19000,34000 --no-fused-norm \
-        --out "$SCRATCH/step_unfused.json"
-    step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 100 --out "$SCRATCH/stream"
-    step skinny 100 python3 perf/skinny_gemm_bench.py --shapes down_swiglu --rows 1 \
-        --out "$SCRATCH"
     echo done
     exit 0
 fi

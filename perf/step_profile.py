@@ -27,7 +27,7 @@ from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
-from livelm.daemon.kernels.triton_backend import norm_linear, pdl  # noqa: E402
+from livelm.daemon.kernels.triton_backend import pdl  # noqa: E402
 
 RECORD_TOKENS = 51  # one OHLCV record of the stream bench (the demo tokenizer's count)
 
@@ -175,12 +175,9 @@ def main() -> int:
                    help="apply --gemm-configs from this many rows up")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
-    p.add_argument("--no-fused-norm", action="store_true",
-                   help="run each norm as its own kernel, not folded into a one-row projection")
     args = p.parse_args()
     contexts = [int(c) for c in args.contexts.split(",") if c]
     pdl.set_enabled(not args.no_pdl)
-    norm_linear.set_enabled(not args.no_fused_norm)
     if args.gemm_configs:
         gemm_overrides.install(gemm_overrides.load_table(Path(args.gemm_configs)),
                                args.gemm_configs_rows)

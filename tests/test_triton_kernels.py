@@ -409,7 +409,6 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
     tma = [c for c in every if c.name.endswith("_tma")]
     found = {c.operation: c for c in every if c not in tma}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
-                          "add_rms_norm_linear",
                           "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear",
                           "copy_kv_blocks"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())

@@ -144,23 +144,6 @@ def _add_rms_norm_cases(target: Target, gen: torch.Generator) -> list[Case]:
     return [Case("hidden rows", (x, res, w, 1e-5), _close_all(expected, t.dtype))]
 
 
-def _add_rms_norm_linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
-    """One row (what a kernel may fuse) and several, at the model's hidden size into a
-    projection of an uneven width; a bias on the side of several rows."""
-    t = target
-    cases = []
-    for rows, out_dim, bias in ((1, 96, None), (ROWS, 80, _randn(gen, t, 80))):
-        x, res = _randn(gen, t, rows, t.hidden_size), _randn(gen, t, rows, t.hidden_size)
-        norm_w = _randn(gen, t, t.hidden_size)
-        w = _randn(gen, t, out_dim, t.hidden_size) * t.hidden_size**-0.5
-        expected = torch_ref.add_rms_norm_linear(
-            x.float(), res.float(), norm_w.float(), 1e-5, w.float(),
-            None if bias is None else bias.float())
-        label = f"{rows} rows by {out_dim}" + (" with a bias" if bias is not None else "")
-        cases.append(Case(label, (x, res, norm_w, 1e-5, w, bias), _close_all(expected, t.dtype)))
-    return cases
-
-
 def _rope_cases(target: Target, gen: torch.Generator) -> list[Case]:
     t = target
     q_size, kv_size = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim
@@ -498,7 +481,6 @@ def _describe(value: Any) -> str:
 _BUILDERS: dict[str, Callable[[Target, torch.Generator], list[Case]]] = {
     "rms_norm": _rms_norm_cases,
     "add_rms_norm": _add_rms_norm_cases,
-    "add_rms_norm_linear": _add_rms_norm_linear_cases,
     "rope": _rope_cases,
     "rope_store_kv": _rope_store_kv_cases,
     "swiglu": _swiglu_cases,

@@ -16,7 +16,6 @@ from livelm.daemon.kernels.attention_meta import AttentionMeta
 OPERATIONS = (
     "rms_norm",
     "add_rms_norm",
-    "add_rms_norm_linear",
     "rope",
     "rope_store_kv",
     "swiglu",
@@ -38,16 +37,6 @@ class AddRmsNorm(Protocol):
 
     def __call__(
         self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
-class AddRmsNormLinear(Protocol):
-    """Returns (linear(norm(x + residual), weight, bias), x + residual): a norm and the
-    projection that reads it, so that a kernel may fuse the two."""
-
-    def __call__(
-        self, x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-        weight: torch.Tensor, bias: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
@@ -141,7 +130,6 @@ class Kernels:
 
     rms_norm: RmsNorm
     add_rms_norm: AddRmsNorm
-    add_rms_norm_linear: AddRmsNormLinear
     rope: Rope
     rope_store_kv: RopeStoreKV
     swiglu: SwiGlu

@@ -78,7 +78,6 @@ def _reference_candidates() -> list[Candidate]:
     return [
         ref("rms_norm", torch_ref.rms_norm, "rms_norm", True),
         ref("add_rms_norm", torch_ref.add_rms_norm, "add_rms_norm", True),
-        ref("add_rms_norm_linear", torch_ref.add_rms_norm_linear, "add_rms_norm_linear", True),
         ref("rope", torch_ref.rope, "rope", True),
         ref("rope_store_kv", torch_ref.rope_store_kv, "rope_store_kv", True),
         ref("swiglu", torch_ref.swiglu, "swiglu", True),

@@ -29,14 +29,6 @@ def add_rms_norm(
     return rms_norm(summed, weight, eps), summed
 
 
-def add_rms_norm_linear(
-    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-    weight: torch.Tensor, bias: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    normed, summed = add_rms_norm(x, residual, norm_weight, eps)
-    return F.linear(normed, weight, bias), summed
-
-
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -161,7 +153,6 @@ def copy_kv_blocks(storage: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> N
 REFERENCE = Kernels(
     rms_norm=rms_norm,
     add_rms_norm=add_rms_norm,
-    add_rms_norm_linear=add_rms_norm_linear,
     rope=rope,
     rope_store_kv=rope_store_kv,
     swiglu=swiglu,

@@ -76,9 +76,6 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
         return randn(TOKENS, t.hidden_size), randn(t.hidden_size), 1e-5
     if op == "add_rms_norm":
         return randn(TOKENS, t.hidden_size), randn(TOKENS, t.hidden_size), randn(t.hidden_size), 1e-5
-    if op == "add_rms_norm_linear":  # a decode step's norm and qkv projection: one row
-        hidden, qkv = t.hidden_size, (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
-        return randn(1, hidden), randn(1, hidden), randn(hidden), 1e-5, randn(qkv, hidden)
     if op == "rope":
         positions = torch.arange(TOKENS, device=t.device)
         table = torch.randn(TOKENS, 2, t.head_dim, generator=gen, device=t.device)

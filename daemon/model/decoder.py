@@ -160,34 +160,30 @@ class LlamaDecoder(nn.Module):
         kv_cache: KVCache,
     ) -> torch.Tensor:
         """Runs the flattened batch; returns final-normed hidden states [N, hidden]."""
-        k, eps = self.kernels, self.config.rms_norm_eps
+        k, c = self.kernels, self.config
         h = F.embedding(input_ids, self.embed)
-        first = self.layers[0]
-        qkv = k.linear(k.rms_norm(h, first.input_norm, eps), first.qkv_weight, first.qkv_bias)
         residual = h
+        x = k.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            if i > 0:  # each norm goes with the projection that reads it, for kernels to fuse
-                qkv, residual = k.add_rms_norm_linear(
-                    h, residual, layer.input_norm, eps, layer.qkv_weight, layer.qkv_bias)
-            h = self._attention(layer, qkv, positions, meta, kv_cache[i])
-            gate_up, residual = k.add_rms_norm_linear(
-                h, residual, layer.post_norm, eps, layer.gate_up_weight)
-            h = k.swiglu_linear(gate_up, layer.down_weight)
-        out, _ = k.add_rms_norm(h, residual, self.norm, eps)
+            if i > 0:
+                x, residual = k.add_rms_norm(h, residual, layer.input_norm, c.rms_norm_eps)
+            h = self._attention(layer, x, positions, meta, kv_cache[i])
+            x, residual = k.add_rms_norm(h, residual, layer.post_norm, c.rms_norm_eps)
+            h = k.swiglu_linear(k.linear(x, layer.gate_up_weight), layer.down_weight)
+        out, _ = k.add_rms_norm(h, residual, self.norm, c.rms_norm_eps)
         return out
 
     def _attention(
         self,
         layer: DecoderLayer,
-        qkv: torch.Tensor,
+        x: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMeta,
         cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
-        """Attention from the layer's projected q, k and v [N, q + 2 kv] to its o projection."""
         c, k = self.config, self.kernels
-        n = qkv.shape[0]
-        q, key, value = qkv.split(self._split, dim=-1)
+        n = x.shape[0]
+        q, key, value = k.linear(x, layer.qkv_weight, layer.qkv_bias).split(self._split, dim=-1)
         q = q.view(n, c.num_heads, c.head_dim)
         key = key.view(n, c.num_kv_heads, c.head_dim)
         if layer.q_norm is not None:

@@ -103,7 +103,6 @@ def candidates() -> list[Candidate]:
     try:
         from livelm.daemon.kernels.triton_backend import (
             block_copy,
-            norm_linear,
             norms,
             paged_decode,
             paged_prefill,
@@ -134,10 +133,6 @@ def candidates() -> list[Candidate]:
              _tma_attention_reason),
         make("rms_norm", "rms_norm", norms.rms_norm, _norm_reason),
         make("add_rms_norm", "add_rms_norm", norms.add_rms_norm, _norm_reason),
-        # one row (a decode step) with the norm folded into the skinny GEMM; more rows, or a
-        # bias, run the norm kernel then linear's kernel; graph-safe as linear is
-        make("add_rms_norm_linear", "add_rms_norm_linear", norm_linear.add_rms_norm_linear_op,
-             _norm_reason),
         make("rope", "rope", rope.rope, _rope_reason),
         make("rope_store_kv", "rope_store_kv", rope.rope_store_kv, _rope_reason),
         make("swiglu", "swiglu", swiglu.swiglu),

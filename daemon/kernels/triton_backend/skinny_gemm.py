@@ -204,61 +204,20 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
-def _sum_times_gamma(h, res_ptrs, g_ptrs, rows_ok, k_ok, EVEN_K: tl.constexpr):
-    """(h + residual), rounded to the dtype as the residual stream is, times the norm's
-    weight: a tile of norm(h + residual) short of its row's 1 / rms, which the epilogue
-    applies (a per-row scale commutes with the product)."""
-    res = _load_x(res_ptrs, rows_ok, k_ok, EVEN_K)
-    # the weight is loaded in x's shape (rows of zero stride, masked as x's), so that it is
-    # fetched by the same pipelined async copies, not by a load waited on in every K step
-    g = _load_x(g_ptrs, rows_ok, k_ok, EVEN_K)
-    summed = (h.to(tl.float32) + res.to(tl.float32)).to(h.dtype)
-    return (summed.to(tl.float32) * g.to(tl.float32)).to(h.dtype)
-
-
-@triton.jit
-def _load_act(ptrs, res_ptrs, g_ptrs, rows_ok, k_ok, K, EVEN_K: tl.constexpr,
-              SWIGLU: tl.constexpr, NORM: tl.constexpr):
-    """An x tile: loaded as is; or (SWIGLU) silu(gate) * up with up K columns after gate;
-    or (NORM) the residual sum times the norm weight (``_sum_times_gamma``). Masked elements
-    load as zero, and stay zero through either."""
+def _load_act(ptrs, rows_ok, k_ok, K, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """An x tile: loaded as is, or (SWIGLU) silu(gate) * up with up K columns after gate.
+    Masked elements load as zero in both halves, and silu(0) * 0 keeps them zero."""
     x = _load_x(ptrs, rows_ok, k_ok, EVEN_K)
     if SWIGLU:
         x = _silu_mul(x, _load_x(ptrs + K, rows_ok, k_ok, EVEN_K))
-    if NORM:
-        x = _sum_times_gamma(x, res_ptrs, g_ptrs, rows_ok, k_ok, EVEN_K)
     return x
 
 
 @triton.jit
-def _load_row(x_ptr, res_ptr, K, NORM_BLOCK: tl.constexpr):
-    """Row 0 of x and of the residual, whole (loaded before the K loop, used after it)."""
-    cols = tl.arange(0, NORM_BLOCK)
-    ok = cols < K
-    h = tl.load(x_ptr + cols, mask=ok, other=0.0, eviction_policy="evict_last")
-    res = tl.load(res_ptr + cols, mask=ok, other=0.0, eviction_policy="evict_last")
-    return h, res
-
-
-@triton.jit
-def _row_rstd(h, res, sum_ptr, K, eps, NORM_BLOCK: tl.constexpr):
-    """1 / rms of row 0's residual sum; the grid's first program also writes that sum out."""
-    cols = tl.arange(0, NORM_BLOCK)
-    summed = (h.to(tl.float32) + res.to(tl.float32)).to(h.dtype)
-    first = (tl.program_id(0) == 0) & (tl.program_id(1) == 0) & (tl.program_id(2) == 0)
-    if first:
-        tl.store(sum_ptr + cols, summed.to(sum_ptr.dtype.element_ty), mask=cols < K)
-    s = summed.to(tl.float32)
-    return tl.rsqrt(tl.sum(s * s, 0) / K + eps)
-
-
-@triton.jit
-def _dot_rows(acc, w, x_ptrs, res_ptrs, g_ptrs, m_ok, k_ok, K, EVEN_K: tl.constexpr,
-              UPCAST: tl.constexpr, PRECISION: tl.constexpr, SWIGLU: tl.constexpr,
-              NORM: tl.constexpr):
+def _dot_rows(acc, w, x_ptrs, m_ok, k_ok, K, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr, SWIGLU: tl.constexpr):
     """acc += w @ x^T on the tensor cores; UPCAST works around the interpreter's bf16 dot."""
-    x = _load_act(x_ptrs, res_ptrs, g_ptrs, m_ok[:, None], k_ok[None, :], K, EVEN_K, SWIGLU,
-                  NORM)
+    x = _load_act(x_ptrs, m_ok[:, None], k_ok[None, :], K, EVEN_K, SWIGLU)
     if UPCAST:
         acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
     else:
@@ -267,17 +226,15 @@ def _dot_rows(acc, w, x_ptrs, res_ptrs, g_ptrs, m_ok, k_ok, K, EVEN_K: tl.conste
 
 
 @triton.jit
-def _fma_rows(acc, w, x_cols, res_cols, g_cols, m0, M, K, stride_xm, cols, k_ok,
-              EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr,
-              NORM: tl.constexpr):
+def _fma_rows(acc, w, x_cols, m0, M, K, stride_xm, cols, k_ok, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr):
     """acc[:, i] += w @ x[m0 + i] on the CUDA cores, one activation row at a time."""
     wf = w.to(tl.float32)
     rows = tl.arange(0, BLOCK_M)
     for i in tl.static_range(BLOCK_M):
-        row_off = (m0 + i).to(tl.int64) * stride_xm
+        row_ptrs = x_cols + (m0 + i).to(tl.int64) * stride_xm
         row_ok = cols * 0 + (m0 + i) < M  # a vector, not a scalar: the interpreter needs it
-        row = _load_act(x_cols + row_off, res_cols + row_off, g_cols, row_ok, k_ok, K, EVEN_K,
-                        SWIGLU, NORM).to(tl.float32)
+        row = _load_act(row_ptrs, row_ok, k_ok, K, EVEN_K, SWIGLU).to(tl.float32)
         part = tl.sum(wf * row[None, :], axis=1)
         acc += tl.where(rows[None, :] == i, part[:, None], 0.0)
     return acc
@@ -303,16 +260,14 @@ def _semaphore_combine(acc, out_ptr, ws_ptr, lock_ptr, offs, mask, M, N):
 
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(
-    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, res_ptr, g_ptr, sum_ptr,
-    M, N, K, stride_xm, stride_wn, k_per_split, eps,
+    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_wn, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     COMBINE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
     UPCAST: tl.constexpr, PRECISION: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
-    STAGES: tl.constexpr, NORM: tl.constexpr, NORM_BLOCK: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
-    if NORM:  # one row (M = 1): its whole residual sum, for the 1 / rms after the loop
-        h_row, res_row = _load_row(x_ptr, res_ptr, K, NORM_BLOCK)
     m0 = tl.program_id(2) * BLOCK_M
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -324,10 +279,6 @@ def _skinny_kernel(
     w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
     x_cols = x_ptr + offs_k
-    res_ptrs = res_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    res_cols = res_ptr + offs_k
-    g_ptrs = g_ptr + (offs_m * 0).to(tl.int64)[:, None] + offs_k[None, :]
-    g_cols = g_ptr + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
     # the loop's own stage count: the same as the launch's for the dot path; the CUDA-core
     # path's loads feed no dot, and only a loop-level count has triton pipeline them at all
@@ -335,20 +286,13 @@ def _skinny_kernel(
         k_ok = k0 + cols < k_hi
         w = _load_w(w_ptrs, k_ok[None, :], EVEN_K)
         if USE_DOT:
-            acc = _dot_rows(acc, w, x_ptrs, res_ptrs, g_ptrs, m_ok, k_ok, K, EVEN_K, UPCAST,
-                            PRECISION, SWIGLU, NORM)
+            acc = _dot_rows(acc, w, x_ptrs, m_ok, k_ok, K, EVEN_K, UPCAST, PRECISION, SWIGLU)
         else:
-            acc = _fma_rows(acc, w, x_cols, res_cols, g_cols, m0, M, K, stride_xm, cols, k_ok,
-                            EVEN_K, BLOCK_M, SWIGLU, NORM)
+            acc = _fma_rows(acc, w, x_cols, m0, M, K, stride_xm, cols, k_ok, EVEN_K, BLOCK_M,
+                            SWIGLU)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
         x_cols += BLOCK_K
-        res_ptrs += BLOCK_K
-        res_cols += BLOCK_K
-        g_ptrs += BLOCK_K
-        g_cols += BLOCK_K
-    if NORM:  # the row's scale applies to every split's partial alike
-        acc = acc * _row_rstd(h_row, res_row, sum_ptr, K, eps, NORM_BLOCK)
     offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     mask = (offs_n < N)[:, None] & m_ok[None, :]
     if COMBINE == _C_STORE:
@@ -438,7 +382,7 @@ class _Plan(NamedTuple):
 
 
 def _plan(m: int, n: int, k: int, dtype: torch.dtype, config: SkinnyConfig,
-          swiglu: bool = False, norm: bool = False) -> _Plan:
+          swiglu: bool = False) -> _Plan:
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(k, k_per_split),
             triton.cdiv(m, config.block_m))
@@ -453,27 +397,15 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, config: SkinnyConfig,
         UPCAST=is_interpreted() and dtype == torch.bfloat16,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
         SWIGLU=swiglu, STAGES=config.num_stages,
-        NORM=norm, NORM_BLOCK=triton.next_power_of_2(k) if norm else 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return _Plan(grid, k_per_split, combine, meta)
 
 
-class NormInput(NamedTuple):
-    """What ``_launch`` needs to take x as the output of the layer before a norm: the rows
-    normed are x + residual (written to ``summed``), scaled by ``weight``."""
-
-    residual: torch.Tensor  # [1, K], unit stride along K
-    weight: torch.Tensor  # [K]
-    summed: torch.Tensor  # [1, K], written
-    eps: float
-
-
 def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config: SkinnyConfig,
-            swiglu: bool, norm: NormInput | None = None) -> None:
+            swiglu: bool) -> None:
     m, (n, k) = x.shape[0], weight.shape
-    plan = _plan(m, n, k, x.dtype, config, swiglu, norm is not None)
-    res, gamma, summed, eps = norm if norm is not None else (x, x, out, 0.0)
+    plan = _plan(m, n, k, x.dtype, config, swiglu)
     ws, locks = out, out  # placeholders where unused
     if plan.combine == _ATOMIC:  # accumulate into zeroed fp32, then cast
         ws = out.zero_() if out.dtype == torch.float32 else torch.zeros(
@@ -482,8 +414,8 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config: Sk
         ws = torch.empty(plan.grid[1] * m * n, device=out.device, dtype=torch.float32)
         locks = _counters(out.device, plan.grid[0] * plan.grid[2])
     _skinny_kernel[plan.grid](
-        x, weight, out, ws, locks, res, gamma, summed,
-        m, n, k, x.stride(0), weight.stride(0), plan.k_per_split, eps, **plan.meta,
+        x, weight, out, ws, locks,
+        m, n, k, x.stride(0), weight.stride(0), plan.k_per_split, **plan.meta,
         **pdl.launch_args(x.device),
     )
     if ws is not out and plan.combine == _ATOMIC:
@@ -507,9 +439,8 @@ def precompile(m: int, n: int, k: int, dtype: torch.dtype,
     ws = torch.float32 if plan.combine != _STORE else dtype
     locks = torch.int32 if plan.combine == _SEMAPHORE else dtype
     stride_xm = 2 * k if swiglu else k
-    _skinny_kernel.warmup(dtype, dtype, dtype, ws, locks, dtype, dtype, dtype,
-                          m, n, k, stride_xm, k, plan.k_per_split, 1e-5, grid=plan.grid,
-                          **plan.meta,
+    _skinny_kernel.warmup(dtype, dtype, dtype, ws, locks, m, n, k, stride_xm, k,
+                          plan.k_per_split, grid=plan.grid, **plan.meta,
                           **pdl.launch_args(torch.device("cuda")))
 
 
