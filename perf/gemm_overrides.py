@@ -4,7 +4,7 @@
 The table comes from a ``skinny_gemm_bench.py`` results file: each projection shape (N, K)
 and swept row count M has a best config. A call with M rows takes the config swept at the
 smallest M at or above it (beyond the largest, the largest's), for row counts from
-``min_rows`` up; other calls and unswept shapes keep the default rule.
+``min_rows`` to ``max_rows``; other calls and unswept shapes keep the default rule.
 """
 
 from __future__ import annotations
@@ -40,13 +40,14 @@ def load_table(path: Path) -> dict[tuple[int, int], SweptShape]:
     return table
 
 
-def install(table: dict[tuple[int, int], SweptShape], min_rows: int = 1) -> None:
+def install(table: dict[tuple[int, int], SweptShape], min_rows: int = 1,
+            max_rows: int | None = None) -> None:
     """Routes ``skinny_gemm.default_config`` through the table (process-wide)."""
     rule = skinny_gemm.default_config
 
     def swept_or_default(m: int, n: int, k: int, *args: object, **kwargs: object) -> SkinnyConfig:
         swept = table.get((n, k))
-        if swept is None or m < min_rows:
+        if swept is None or m < min_rows or (max_rows is not None and m > max_rows):
             return rule(m, n, k, *args, **kwargs)
         return swept.pick(m)
 

@@ -20,7 +20,9 @@
 # pipeline_sweep.py (carried pages over tiles and stages). carry: the kernels before and as
 # bound, the step profile, the stream bench with its baselines, the GPU tests. freeze: the
 # stream bench with its baselines, then without them and with gc_freeze off. skinny: the
-# fused down projection's one-row path by stage count, then the benches of record.
+# fused down projection's one-row path by stage count, then the benches of record. onerow:
+# the one-row qkv and o projections swept, then the step profile with the default tiles, with
+# the sweep's best at one row, and with the default again.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -95,6 +97,18 @@ if [ "$MODE" = skinny ]; then  # the CUDA-core path's pipelining, then the bench
     step skinny 150 python3 perf/skinny_gemm_bench.py --shapes down_swiglu --rows 1,2 \
         --out "$SCRATCH"
     records 100
+    echo done
+    exit 0
+fi
+if [ "$MODE" = onerow ]; then  # one-row qkv / o tiles from the sweep, A/B inside the step
+    step skinny 120 python3 perf/skinny_gemm_bench.py --shapes qkv,o --rows 1 --out "$SCRATCH"
+    step step 80 python3 perf/step_profile.py --contexts 3000,19000,34000 \
+        --out "$SCRATCH/step.json"
+    step step_swept 80 python3 perf/step_profile.py --contexts 3000,19000,34000 \
+        --gemm-configs "$SCRATCH/$(date +%Y-%m-%d)-nvidia-h200-skinny-gemm.json" \
+        --gemm-configs-max-rows 1 --out "$SCRATCH/step_swept.json"
+    step step_again 80 python3 perf/step_profile.py --contexts 3000,19000,34000 \
+        --out "$SCRATCH/step_again.json"
     echo done
     exit 0
 fi

@@ -173,6 +173,8 @@ def main() -> int:
                    "skinny GEMM's default rule (A/B)")
     p.add_argument("--gemm-configs-rows", type=int, default=1,
                    help="apply --gemm-configs from this many rows up")
+    p.add_argument("--gemm-configs-max-rows", type=int, default=None,
+                   help="and up to this many rows (default: no limit)")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
@@ -180,7 +182,7 @@ def main() -> int:
     pdl.set_enabled(not args.no_pdl)
     if args.gemm_configs:
         gemm_overrides.install(gemm_overrides.load_table(Path(args.gemm_configs)),
-                               args.gemm_configs_rows)
+                               args.gemm_configs_rows, args.gemm_configs_max_rows)
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
                     kernel_policy=args.kernel_policy, block_size=args.block_size)
     ceilings = measure_ceilings(config.torch_device())
