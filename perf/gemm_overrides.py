@@ -28,9 +28,12 @@ class SweptShape:
         return self.configs[at]
 
 
-def load_table(path: Path) -> dict[tuple[int, int], SweptShape]:
+def load_table(path: Path, fused: bool = False) -> dict[tuple[int, int], SweptShape]:
+    """The plain projections' table, or (``fused``) the SwiGLU-fused down projection's."""
     by_shape: dict[tuple[int, int], list[tuple[int, SkinnyConfig]]] = {}
     for result in json.loads(path.read_text())["results"]:
+        if result["gemm"].endswith("_swiglu") != fused:
+            continue
         config = SkinnyConfig(**result["best_config"])
         by_shape.setdefault((result["n"], result["k"]), []).append((result["m"], config))
     table = {}
@@ -41,9 +44,11 @@ def load_table(path: Path) -> dict[tuple[int, int], SweptShape]:
 
 
 def install(table: dict[tuple[int, int], SweptShape], min_rows: int = 1,
-            max_rows: int | None = None) -> None:
-    """Routes ``skinny_gemm.default_config`` through the table (process-wide)."""
-    rule = skinny_gemm.default_config
+            max_rows: int | None = None, fused: bool = False) -> None:
+    """Routes ``skinny_gemm.default_config`` (``fused``: ``swiglu_default_config``) through
+    the table (process-wide)."""
+    name = "swiglu_default_config" if fused else "default_config"
+    rule = getattr(skinny_gemm, name)
 
     def swept_or_default(m: int, n: int, k: int, *args: object, **kwargs: object) -> SkinnyConfig:
         swept = table.get((n, k))
@@ -51,4 +56,4 @@ def install(table: dict[tuple[int, int], SweptShape], min_rows: int = 1,
             return rule(m, n, k, *args, **kwargs)
         return swept.pick(m)
 
-    skinny_gemm.default_config = swept_or_default
+    setattr(skinny_gemm, name, swept_or_default)

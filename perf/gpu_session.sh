@@ -22,7 +22,9 @@
 # stream bench with its baselines, then without them and with gc_freeze off. skinny: the
 # fused down projection's one-row path by stage count, then the benches of record. onerow:
 # the one-row qkv and o projections swept, then the step profile with the default tiles, with
-# the sweep's best at one row, and with the default again.
+# the sweep's best at one row, and with the default again. downrow: the attention kernels' GPU
+# tests, then the step profile with the one-row down projection's default tiles, the 7490c47
+# sweep's best, an alternative, and the default again.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -109,6 +111,22 @@ if [ "$MODE" = onerow ]; then  # one-row qkv / o tiles from the sweep, A/B insid
         --gemm-configs-max-rows 1 --out "$SCRATCH/step_swept.json"
     step step_again 80 python3 perf/step_profile.py --contexts 3000,19000,34000 \
         --out "$SCRATCH/step_again.json"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = downrow ]; then  # the one-row down projection's tiles inside the step; tests
+    step gpu_tests 150 python3 -m pytest -q tests/test_triton_kernels.py -k "gpu or cuda"
+    swept=perf/results/2026-12-03-nvidia-h200-skinny-down1-7490c47.json
+    for run in default best alt default_again; do
+        case $run in
+            best) extra="--swiglu-configs $swept --gemm-configs-max-rows 1" ;;
+            alt) extra="--swiglu-configs perf/swiglu_m1_alt.json --gemm-configs-max-rows 1" ;;
+            *) extra="" ;;
+        esac
+        # shellcheck disable=SC2086
+        step "step_$run" 80 python3 perf/step_profile.py --contexts 3000,19000,34000 $extra \
+            --out "$SCRATCH/step_$run.json"
+    done
     echo done
     exit 0
 fi

@@ -175,6 +175,9 @@ def main() -> int:
                    help="apply --gemm-configs from this many rows up")
     p.add_argument("--gemm-configs-max-rows", type=int, default=None,
                    help="and up to this many rows (default: no limit)")
+    p.add_argument("--swiglu-configs", default="",
+                   help="likewise for the SwiGLU-fused down projection (its down_swiglu rows), "
+                   "within the same row limits")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
@@ -183,6 +186,10 @@ def main() -> int:
     if args.gemm_configs:
         gemm_overrides.install(gemm_overrides.load_table(Path(args.gemm_configs)),
                                args.gemm_configs_rows, args.gemm_configs_max_rows)
+    if args.swiglu_configs:
+        table = gemm_overrides.load_table(Path(args.swiglu_configs), fused=True)
+        gemm_overrides.install(table, args.gemm_configs_rows, args.gemm_configs_max_rows,
+                               fused=True)
     config = Config(model=args.model, device="cuda", dtype="bfloat16",
                     kernel_policy=args.kernel_policy, block_size=args.block_size)
     ceilings = measure_ceilings(config.torch_device())
