@@ -152,9 +152,10 @@ def swiglu_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
         return config
     block_n, block_k = 32, 256 if dtype_bytes <= 2 else 128
     split = _split_count(triton.cdiv(n, block_n), k, block_k, 2 * num_sms)
-    # one stage: the loads of each K step are used in the same iteration, as measured above;
-    # more stages now prefetch the weight through shared memory (async copies), which
-    # ``perf/skinny_gemm_bench.py`` (its CUDA-core candidates take three) has yet to time
+    # one stage: each K step's loads are used in the same iteration. Three stages prefetch
+    # the weight through shared memory; alone that measured 30.3 us (m1 n16 k512 s1) against
+    # 37.6, but inside the captured decode step it took the step from 4.56 / 5.01 / 5.42 to
+    # 5.08 / 5.53 / 5.99 ms at 3k / 19k / 34k (perf/NOTES.md, 2026-12-03 seventh session)
     return replace(config, block_m=1, block_n=block_n, block_k=block_k, split_k=split,
                    num_stages=1)
 
