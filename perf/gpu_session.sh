@@ -3,7 +3,7 @@
 # limit. Outputs are written under a scratch folder and packed into $OUT/session.tgz after
 # every step (the device tool returns only a few files per call, so one archive carries all).
 #
-#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [quick|full|probe|validate|host|bench]
+#   LIVELM_COMMIT=<sha> bash perf/gpu_session.sh [MODE]   (quick when none; the modes below)
 #
 # quick (about 6 minutes): the GPU tests of the attention kernels and the decode read-back,
 # the step profile (with decode batch sizes, and by kernel without PDL), the host's share of
