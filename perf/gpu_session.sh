@@ -24,7 +24,8 @@
 # the one-row qkv and o projections swept, then the step profile with the default tiles, with
 # the sweep's best at one row, and with the default again. downrow: the attention kernels' GPU
 # tests, then the step profile with the one-row down projection's default tiles, the 7490c47
-# sweep's best, an alternative, and the default again.
+# sweep's best, an alternative, and the default again. ingest: ingest_trace.py's 2.6k -> 8k
+# fill (the push, each step's chunks, wall and GPU time) with steps of 4096 and of 8192 tokens.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -127,6 +128,14 @@ if [ "$MODE" = downrow ]; then  # the one-row down projection's tiles inside the
         step "step_$run" 80 python3 perf/step_profile.py --contexts 3000,19000,34000 $extra \
             --out "$SCRATCH/step_$run.json"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = ingest ]; then  # where the 8k ingest's time goes, at two step budgets
+    step ingest_4096 150 python3 perf/ingest_trace.py --out "$SCRATCH"
+    mv "$SCRATCH/ingest-trace.json" "$SCRATCH/ingest-trace-4096.json" 2>/dev/null
+    step ingest_8192 150 python3 perf/ingest_trace.py --max-batch-tokens 8192 --out "$SCRATCH"
+    mv "$SCRATCH/ingest-trace.json" "$SCRATCH/ingest-trace-8192.json" 2>/dev/null
     echo done
     exit 0
 fi
