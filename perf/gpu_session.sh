@@ -132,10 +132,9 @@ if [ "$MODE" = downrow ]; then  # the one-row down projection's tiles inside the
     exit 0
 fi
 if [ "$MODE" = ingest ]; then  # where the 8k ingest's time goes, at two step budgets
-    step ingest_4096 150 python3 perf/ingest_trace.py --out "$SCRATCH"
-    mv "$SCRATCH/ingest-trace.json" "$SCRATCH/ingest-trace-4096.json" 2>/dev/null
-    step ingest_8192 150 python3 perf/ingest_trace.py --max-batch-tokens 8192 --out "$SCRATCH"
-    mv "$SCRATCH/ingest-trace.json" "$SCRATCH/ingest-trace-8192.json" 2>/dev/null
+    step ingest_4096 150 python3 perf/ingest_trace.py --out "$SCRATCH/ingest_4096"
+    step ingest_8192 150 python3 perf/ingest_trace.py --max-batch-tokens 8192 \
+        --out "$SCRATCH/ingest_8192"
     echo done
     exit 0
 fi

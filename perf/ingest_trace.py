@@ -169,6 +169,7 @@ def main() -> int:
     fills = uvloop.run(run(model, config, args, marks))
     if args.out:
         out = Path(args.out) / "ingest-trace.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps({"args": vars(args), "fills": fills}, indent=1))
         print(f"wrote {out}")
     return 0
