@@ -109,8 +109,12 @@ async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int) -
              for s in marks.spans]
     gpu_ms = [b.elapsed_time(e) for b, e in marks.gpu]
     steps = [s for s in spans if s["stage"] == "step"]
-    for step, ms in zip(steps, gpu_ms[-len(steps):] if steps else [], strict=False):
-        step["gpu_ms"] = ms
+    if len(gpu_ms) == len(steps):  # one runner call per step (a failed step retries chunks)
+        for step, ms in zip(steps, gpu_ms, strict=True):
+            step["gpu_ms"] = ms
+    elif gpu_ms:
+        print(f"  {len(gpu_ms)} runner calls for {len(steps)} steps: GPU times not matched",
+              flush=True)
     # the fill's probe push (and its steps) come first, before its clock starts
     return {"tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
             "clock_start": queryable - seconds * 1e3, "queryable": queryable, "spans": spans}
