@@ -26,6 +26,8 @@
 # tests, then the step profile with the one-row down projection's default tiles, the 7490c47
 # sweep's best, an alternative, and the default again. ingest: ingest_trace.py's 2.6k -> 8k
 # fill (the push, each step's chunks, wall and GPU time) with steps of 4096 and of 8192 tokens.
+# splits: the step profile with the one-row decode attention's split rule, with 16 splits (one
+# program per SM), and with the rule again.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -135,6 +137,17 @@ if [ "$MODE" = ingest ]; then  # where the 8k ingest's time goes, at two step bu
     step ingest_4096 150 python3 perf/ingest_trace.py --out "$SCRATCH/ingest_4096"
     step ingest_8192 150 python3 perf/ingest_trace.py --max-batch-tokens 8192 \
         --out "$SCRATCH/ingest_8192"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = splits ]; then  # the one-row decode attention at one program per SM, in-step
+    for run in default 16 default_again; do
+        extra=""
+        [ "$run" = 16 ] && extra="--decode-splits 16"
+        # shellcheck disable=SC2086
+        step "step_$run" 80 python3 perf/step_profile.py --contexts 3000,19000,34000 $extra \
+            --out "$SCRATCH/step_$run.json"
+    done
     echo done
     exit 0
 fi

@@ -27,7 +27,7 @@ from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
-from livelm.daemon.kernels.triton_backend import pdl  # noqa: E402
+from livelm.daemon.kernels.triton_backend import paged_decode, pdl  # noqa: E402
 
 RECORD_TOKENS = 51  # one OHLCV record of the stream bench (the demo tokenizer's count)
 
@@ -155,6 +155,20 @@ def decode_batches(graphs: StepGraphs, pool: BlockPool, block: int, batches: lis
     return rows
 
 
+def _fix_decode_splits(splits: int, num_kv_heads: int) -> None:
+    """One sequence's decode attention takes ``splits`` key splits (A/B of the split rule;
+    a captured graph keeps the count chosen at capture)."""
+    rule = paged_decode.choose_splits
+
+    def fixed(programs: int, max_context: int, device: torch.device,
+              per_sm: int = paged_decode.PROGRAMS_PER_SM) -> int:
+        if programs == num_kv_heads:
+            return splits
+        return rule(programs, max_context, device, per_sm)
+
+    paged_decode.choose_splits = fixed
+
+
 def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--model", default="random:llama-3.1-8b")
@@ -178,6 +192,8 @@ def main() -> int:
     p.add_argument("--swiglu-configs", default="",
                    help="likewise for the SwiGLU-fused down projection (its down_swiglu rows), "
                    "within the same row limits")
+    p.add_argument("--decode-splits", type=int, default=0,
+                   help="key splits of the one-sequence decode graph (default: its rule's)")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
     args = p.parse_args()
@@ -194,6 +210,8 @@ def main() -> int:
                     kernel_policy=args.kernel_policy, block_size=args.block_size)
     ceilings = measure_ceilings(config.torch_device())
     _, model = bind_and_load(config, progress=False)
+    if args.decode_splits:
+        _fix_decode_splits(args.decode_splits, model.config.num_kv_heads)
     block = args.block_size
     longest = max(contexts, default=args.session_context)
     blocks = longest // block + 64 + args.sessions * (args.session_context // block + 4)
