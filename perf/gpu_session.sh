@@ -27,7 +27,8 @@
 # sweep's best, an alternative, and the default again. ingest: ingest_trace.py's 2.6k -> 8k
 # fill (the push, each step's chunks, wall and GPU time) with steps of 4096 and of 8192 tokens.
 # splits: the step profile with the one-row decode attention's split rule, with 16 splits (one
-# program per SM), and with the rule again.
+# program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
+# tokens, and the fill as one chunk) by kernel.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -148,6 +149,12 @@ if [ "$MODE" = splits ]; then  # the one-row decode attention at one program per
         step "step_$run" 80 python3 perf/step_profile.py --contexts 3000,19000,34000 $extra \
             --out "$SCRATCH/step_$run.json"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = chunks ]; then  # the 8k ingest's two chunks by kernel (no PDL: honest times)
+    step chunks 150 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
+        --sessions 0 --chunks 4096@2600,1109@6700,5205@2600 --out "$SCRATCH/chunks.json"
     echo done
     exit 0
 fi

@@ -109,6 +109,36 @@ def eager_ms(decoder, cache: KVCache, chunks: list[Chunk], repeat: int = 5) -> f
     return statistics.median(times[1:])
 
 
+def parse_chunks(spec: str) -> list[tuple[int, int]]:
+    """"4096@2600,1109@6700" -> [(4096, 2600), (1109, 6700)]: tokens at a context."""
+    chunks = []
+    for item in filter(None, spec.split(",")):
+        tokens, _, context = item.partition("@")
+        chunks.append((int(tokens), int(context or 0)))
+    return chunks
+
+
+def data_chunks(decoder, cache: KVCache, pool: BlockPool, chunks: list[tuple[int, int]],
+                kernels: bool) -> list[dict]:
+    """GPU time of session-data chunks as the ingest steps them (eager, no logits)."""
+    rows = []
+    for tokens, context in chunks:
+        seq = held_sequence(pool, context + tokens, cache.block_size)
+        chunk = [Chunk(seq, context, tokens, False)]
+        with torch.inference_mode():
+            ms = eager_ms(decoder, cache, chunk)
+            row = {"chunk_tokens": tokens, "context": context, "chunk_gpu_ms": ms,
+                   "tokens_per_s": tokens / ms * 1e3}
+            print(f"data chunk of {tokens} tokens over {context}: {ms:.2f} ms "
+                  f"({row['tokens_per_s']:.0f} tokens/s)", flush=True)
+            if kernels:
+                print(f"data chunk of {tokens} tokens over {context}, by kernel:")
+                row["chunk_kernels"] = eager_breakdown(decoder, cache, chunk)
+        pool.release(seq.block_table)
+        rows.append(row)
+    return rows
+
+
 def many_sessions(graphs: StepGraphs, decoder, cache: KVCache, pool: BlockPool,
                   sessions: int, context: int, kernels: bool = False) -> dict:
     """The 64-sessions workload's two steps: every session's 32-token question prefilled in
@@ -192,6 +222,8 @@ def main() -> int:
     p.add_argument("--swiglu-configs", default="",
                    help="likewise for the SwiGLU-fused down projection (its down_swiglu rows), "
                    "within the same row limits")
+    p.add_argument("--chunks", default="",
+                   help="also time session-data chunks, TOKENS@CONTEXT,... (eager, as ingested)")
     p.add_argument("--decode-splits", type=int, default=0,
                    help="key splits of the one-sequence decode graph (default: its rule's)")
     p.add_argument("--no-pdl", action="store_true",
@@ -213,8 +245,10 @@ def main() -> int:
     if args.decode_splits:
         _fix_decode_splits(args.decode_splits, model.config.num_kv_heads)
     block = args.block_size
+    chunks = parse_chunks(args.chunks)
     longest = max(contexts, default=args.session_context)
-    blocks = longest // block + 64 + args.sessions * (args.session_context // block + 4)
+    held = max([longest, *(t + c for t, c in chunks)])  # the KV the longest sequence holds
+    blocks = held // block + 64 + args.sessions * (args.session_context // block + 4)
     cache = KVCache(model.config, blocks, block, config.torch_dtype(), config.torch_device())
     for k, v in cache.layers:  # random KV: never time on zeros
         k.normal_()
@@ -254,6 +288,8 @@ def main() -> int:
     if args.sessions:
         rows.append(many_sessions(graphs, model.decoder, cache, pool, args.sessions,
                                   args.session_context, args.kernels))
+    if chunks:
+        rows += data_chunks(model.decoder, cache, pool, chunks, args.kernels)
     if args.decode_batches:
         rows += decode_batches(graphs, pool, block, [int(b) for b in args.decode_batches.split(",")],
                                args.session_context)
