@@ -1,7 +1,9 @@
 """How close the model's skinny GEMMs (M = 1..64 rows) come to streaming their weights at the
 device's copy bandwidth: F.linear (cuBLAS) on Llama-3.1-8B's weight shapes, graph-replayed.
+At data-chunk sizes (M in the thousands) the TFLOP/s column is the one that matters.
 
     python perf/gemm_bench.py --rows 1,8,32,64
+    python perf/gemm_bench.py --rows 1024,1109,2048,4096,4224
 """
 
 from __future__ import annotations
@@ -70,11 +72,12 @@ def main() -> int:
                     "ms": ms,
                     "floor_ms": floor,
                     "tb_per_s": n * k * 2 / ms / 1e9,
+                    "tflops": 2 * m * n * k / ms / 1e9,
                 }
             )
             print(
                 f"{name:>8} M={m:3d}: {ms * 1e3:8.1f} us, {results[-1]['tb_per_s']:.2f} TB/s, "
-                f"{ms / floor:.2f}x floor",
+                f"{ms / floor:.2f}x floor, {results[-1]['tflops']:.0f} TFLOP/s",
                 flush=True,
             )
     if args.out:

@@ -28,7 +28,8 @@
 # fill (the push, each step's chunks, wall and GPU time) with steps of 4096 and of 8192 tokens.
 # splits: the step profile with the one-row decode attention's split rule, with 16 splits (one
 # program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
-# tokens, and the fill as one chunk) by kernel.
+# tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
+# chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -155,6 +156,23 @@ fi
 if [ "$MODE" = chunks ]; then  # the 8k ingest's two chunks by kernel (no PDL: honest times)
     step chunks 150 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
         --sessions 0 --chunks 4096@2600,1109@6700,5205@2600 --out "$SCRATCH/chunks.json"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = ingestmap ]; then  # what a fill's chunking, attention and GEMMs cost
+    step chunks 150 python3 perf/step_profile.py --no-pdl --kernels --contexts "" \
+        --sessions 0 --chunks 4096@2600,1109@6696,5205@2600 --out "$SCRATCH/chunks.json"
+    # the 2.6k -> 7.8k fill as the daemon could chunk it: 4096 + tail, two halves, 4224 +
+    # tail, one chunk, 2048s + tail, three thirds (PDL on, as the daemon runs)
+    step chunk_plans 150 python3 perf/step_profile.py --contexts "" --sessions 0 --chunks \
+        4096@2600,1109@6696,2603@2600,2602@5203,4224@2600,981@6824,5205@2600,2048@2600,\
+2048@4648,1735@2600,1735@4335,1735@6070,1024@2600,1152@2600,1280@2600,1536@2600,3072@2600,\
+3584@2600,4608@2600 --out "$SCRATCH/chunk_plans.json"
+    step attention_probe 120 python3 perf/chunk_attention_probe.py \
+        --shapes 4096@6696,1109@7805,2603@5203,2602@7805 --out "$SCRATCH/attention_probe.json"
+    step gemm_rows 90 python3 perf/gemm_bench.py \
+        --rows 981,1024,1109,1152,1280,1536,1735,2048,2603,3072,4096,4224 \
+        --out "$SCRATCH/gemm_rows.json"
     echo done
     exit 0
 fi
