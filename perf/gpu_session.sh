@@ -30,6 +30,7 @@
 # program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
 # tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
 # chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
+# ingestprof: ingest_trace.py's fill in steps of 4096 and 2048 tokens, each with a profiled fill.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -173,6 +174,14 @@ if [ "$MODE" = ingestmap ]; then  # what a fill's chunking, attention and GEMMs 
     step gemm_rows 90 python3 perf/gemm_bench.py \
         --rows 981,1024,1109,1152,1280,1536,1735,2048,2603,3072,4096,4224 \
         --out "$SCRATCH/gemm_rows.json"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = ingestprof ]; then  # the 8k fill traced, and profiled for kernels and gaps
+    for tokens in 4096 2048; do
+        step "ingest_$tokens" 200 python3 perf/ingest_trace.py --max-batch-tokens "$tokens" \
+            --repeats 2 --profile --out "$SCRATCH/ingest_$tokens"
+    done
     echo done
     exit 0
 fi

@@ -6,12 +6,17 @@ Wraps ``Engine.push``, ``Worker._step`` and ``ModelRunner.run`` with timers (thi
 only; the engine is unchanged). Each repeat fills a fresh session, as the bench's does.
 
     python perf/ingest_trace.py [--start 2600 --target 8192 --repeats 3] [--out DIR]
+
+--profile: one more fill under torch.profiler: each kernel's total, and the GPU's idle gaps
+between kernels during the fill (host-bound launches show up there, slower kernels in the
+totals, to set against ``step_profile.py --chunks`` for the same chunks).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import inspect
@@ -95,13 +100,17 @@ def _chunks(worker: Worker, chunks: list) -> dict[str, Any]:
     return {"tokens": [ch.length for ch in chunks]}
 
 
-async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int) -> dict[str, Any]:
+async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int,
+                   around: Callable[[], Any] = contextlib.nullcontext) -> dict[str, Any]:
+    """A fresh session filled to start_tokens, then the timed fill to target inside
+    ``around()`` (a context manager: the profiler, or nothing)."""
     sid = await bench.open()
     await bench.fill(sid, start_tokens)
     marks.spans.clear()
     marks.gpu.clear()
-    origin = time.perf_counter()
-    tokens, seconds = await bench.fill(sid, target)
+    with around():
+        origin = time.perf_counter()
+        tokens, seconds = await bench.fill(sid, target)
     queryable = (time.perf_counter() - origin) * 1e3
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -118,6 +127,37 @@ async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int) -
     # the fill's probe push (and its steps) come first, before its clock starts
     return {"tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
             "clock_start": queryable - seconds * 1e3, "queryable": queryable, "spans": spans}
+
+
+async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
+                        target: int) -> dict[str, Any]:
+    """``one_fill`` under torch.profiler: kernel totals and the idle gaps between kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    prof = profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+    fill = await one_fill(bench, marks, start_tokens, target, around=lambda: prof)
+    kernels = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
+                     if e.device_type.name == "CUDA")
+    totals: dict[str, float] = {}
+    for begin, end, name in kernels:
+        totals[name[:90]] = totals.get(name[:90], 0.0) + (end - begin) / 1e3
+    gaps, reach = [], kernels[0][1] if kernels else 0.0
+    for begin, end, _ in kernels[1:]:
+        if begin > reach:
+            gaps.append((begin - reach) / 1e3)
+        reach = max(reach, end)
+    span = (reach - kernels[0][0]) / 1e3 if kernels else 0.0
+    fill["profile"] = {"kernel_ms": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+                       "gpu_span_ms": span, "idle_ms": sum(gaps),
+                       "gaps_over_0_1ms": sorted((g for g in gaps if g > 0.1), reverse=True)}
+    print(f"profiled fill: {fill['tokens']} tokens in {fill['ms']:.1f} ms; GPU span "
+          f"{span:.1f} ms, idle {sum(gaps):.2f} ms in "
+          f"{len(gaps)} gaps, of which over 0.1 ms: "
+          f"{[round(g, 2) for g in fill['profile']['gaps_over_0_1ms'][:12]]}", flush=True)
+    for name, ms in list(fill["profile"]["kernel_ms"].items())[:10]:
+        print(f"    {ms:8.2f} ms  {name}", flush=True)
+    return fill
 
 
 async def run(model: Any, config: Config, args: argparse.Namespace, marks: Marks) -> list[dict]:
@@ -141,6 +181,8 @@ async def run(model: Any, config: Config, args: argparse.Namespace, marks: Marks
                     extra += f", GPU {s['gpu_ms']:.1f} ms"
                 print(f"  {s['stage']:>6} {s['start']:8.2f} -> {s['end']:8.2f} ms{extra}",
                       flush=True)
+        if args.profile:
+            fills.append(await profiled_fill(bench, marks, args.start, args.target))
     finally:
         await engine.stop(5.0)
     return fills
@@ -156,6 +198,8 @@ def main() -> int:
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--device", default="cuda",
                    help="cpu: the host side only, with the demo model (a smoke run)")
+    p.add_argument("--profile", action="store_true",
+                   help="one more fill under torch.profiler (kernel totals, GPU idle gaps)")
     p.add_argument("--out", default="")
     args = p.parse_args()
     cuda = args.device == "cuda"
