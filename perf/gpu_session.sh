@@ -30,7 +30,8 @@
 # program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
 # tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
 # chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
-# ingestprof: ingest_trace.py's fill in steps of 4096 and 2048 tokens, each with a profiled fill.
+# ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each in even chunks
+# and in full budgets and a remainder, each with a profiled fill.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -178,9 +179,12 @@ if [ "$MODE" = ingestmap ]; then  # what a fill's chunking, attention and GEMMs 
     exit 0
 fi
 if [ "$MODE" = ingestprof ]; then  # the 8k fill traced, and profiled for kernels and gaps
-    for tokens in 4096 2048; do
-        step "ingest_$tokens" 200 python3 perf/ingest_trace.py --max-batch-tokens "$tokens" \
-            --repeats 2 --profile --out "$SCRATCH/ingest_$tokens"
+    for plan in 4096 4096-greedy 2048 2048-greedy; do
+        extra=""
+        [ "${plan#*-}" = greedy ] && extra="--greedy-chunks"
+        # shellcheck disable=SC2086
+        step "ingest_$plan" 200 python3 perf/ingest_trace.py --max-batch-tokens "${plan%-*}" \
+            --repeats 3 --profile $extra --out "$SCRATCH/ingest_$plan"
     done
     echo done
     exit 0

@@ -162,6 +162,7 @@ async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
 
 async def run(model: Any, config: Config, args: argparse.Namespace, marks: Marks) -> list[dict]:
     engine = Engine(model, config, asyncio.get_running_loop())
+    engine.worker.scheduler.even_chunks = not args.greedy_chunks
     engine.start()
     bench = Bench(engine)
     fills = []
@@ -198,6 +199,9 @@ def main() -> int:
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--device", default="cuda",
                    help="cpu: the host side only, with the demo model (a smoke run)")
+    p.add_argument("--greedy-chunks", action="store_true",
+                   help="cut backlogs into full budgets and a remainder (the old plan), "
+                   "not even chunks")
     p.add_argument("--profile", action="store_true",
                    help="one more fill under torch.profiler (kernel totals, GPU idle gaps)")
     p.add_argument("--out", default="")
