@@ -131,7 +131,8 @@ async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int,
 
 async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
                         target: int) -> dict[str, Any]:
-    """``one_fill`` under torch.profiler: kernel totals and the idle gaps between kernels."""
+    """``one_fill`` under torch.profiler: kernel totals, the idle gaps between kernels, and
+    the timeline (each kernel's start and duration in ms from the first, and its name)."""
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
@@ -148,7 +149,10 @@ async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
             gaps.append((begin - reach) / 1e3)
         reach = max(reach, end)
     span = (reach - kernels[0][0]) / 1e3 if kernels else 0.0
-    fill["profile"] = {"kernel_ms": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
+    origin = kernels[0][0] if kernels else 0.0
+    fill["profile"] = {"timeline": [((b - origin) / 1e3, (e - b) / 1e3, n[:40])
+                                    for b, e, n in kernels],
+                       "kernel_ms": dict(sorted(totals.items(), key=lambda kv: -kv[1])),
                        "gpu_span_ms": span, "idle_ms": sum(gaps),
                        "gaps_over_0_1ms": sorted((g for g in gaps if g > 0.1), reverse=True)}
     print(f"profiled fill: {fill['tokens']} tokens in {fill['ms']:.1f} ms; GPU span "
