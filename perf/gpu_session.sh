@@ -180,7 +180,8 @@ if [ "$MODE" = ingestmap ]; then  # what a fill's chunking, attention and GEMMs 
 fi
 if [ "$MODE" = ingestprof ]; then  # the 8k fill traced, and profiled for kernels and gaps
     step chunk_plans 150 python3 perf/step_profile.py --contexts "" --sessions 0 --chunks \
-        2624@2600,2581@5224,4096@2600,1109@6696,1792@2600,1728@4392,1685@6120 \
+        2624@2600,2581@5224,4096@2600,1109@6696,1792@2600,1728@4392,1685@6120,2112@2600,\
+1985@4712,1@6696 \
         --out "$SCRATCH/chunk_plans.json"
     for plan in ${PLANS:-4096 4096-greedy 2048 2048-greedy}; do
         extra=""
