@@ -31,7 +31,8 @@
 # tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
 # chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
 # ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each in even chunks
-# and in full budgets and a remainder, each with a profiled fill.
+# and in full budgets and a remainder, each with a profiled fill. eagerhost: the host's time
+# in eager steps (1, 404 and 1109 tokens), by function.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -190,6 +191,12 @@ if [ "$MODE" = ingestprof ]; then  # the 8k fill traced, and profiled for kernel
         step "ingest_$plan" 200 python3 perf/ingest_trace.py --max-batch-tokens "${plan%-*}" \
             --repeats 3 --profile $extra --out "$SCRATCH/ingest_$plan"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = eagerhost ]; then  # the host time of eager steps, by function
+    step eager_host 150 python3 perf/eager_host_profile.py --chunks 1@2600,404@2600,1109@6696 \
+        --out "$SCRATCH/eager_host.json"
     echo done
     exit 0
 fi
