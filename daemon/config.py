@@ -71,6 +71,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     gc_freeze: bool = True
     graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
     graph_max_question: int = 128  # the longest question prefill captured (0 = none)
+    # the longest session-data chunk captured (0 = none past graph_max_question): eager steps
+    # of a few hundred tokens are bound by the host's launches, graphs are not
+    graph_max_data: int = 2048
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
     max_flash_queries: int = 16  # flash queries per session
     prefix_cache_conversations: int = 64  # completions kept for KV reuse; 0 = no reuse
@@ -319,6 +322,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "gc_freeze": (lambda v: True, "true or false"),
     "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
     "graph_max_question": (lambda v: 0 <= v <= 128, "from 0 to 128"),
+    "graph_max_data": (lambda v: 0 <= v <= 4096, "from 0 to 4096 (0 = none)"),
     "event_buffer": (lambda v: 1 <= v <= 1_000_000, "from 1 to 1000000 events"),
     "max_flash_queries": (lambda v: 0 <= v <= 1024, "from 0 to 1024 (0 = flash queries off)"),
     "prefix_cache_conversations": (lambda v: 0 <= v <= 65536, "from 0 (reuse off) to 65536"),

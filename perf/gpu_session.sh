@@ -30,8 +30,8 @@
 # program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
 # tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
 # chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
-# ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each in even chunks
-# and in full budgets and a remainder, each with a profiled fill. eagerhost: the host's time
+# ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each with the data
+# graphs and without them (graph_max_data 0), each with a profiled fill. eagerhost: the host's time
 # in eager steps (1, 404 and 1109 tokens), by function.
 set -u
 MODE=${1:-quick}
@@ -184,9 +184,9 @@ if [ "$MODE" = ingestprof ]; then  # the 8k fill traced, and profiled for kernel
         2624@2600,2581@5224,4096@2600,1109@6696,1792@2600,1728@4392,1685@6120,2112@2600,\
 1985@4712,1@6696 \
         --out "$SCRATCH/chunk_plans.json"
-    for plan in ${PLANS:-4096 4096-greedy 2048 2048-greedy}; do
+    for plan in ${PLANS:-4096 4096-nographs 2048 2048-nographs}; do
         extra=""
-        [ "${plan#*-}" = greedy ] && extra="--greedy-chunks"
+        [ "${plan#*-}" = nographs ] && extra="--no-data-graphs"
         # shellcheck disable=SC2086
         step "ingest_$plan" 200 python3 perf/ingest_trace.py --max-batch-tokens "${plan%-*}" \
             --repeats 3 --profile $extra --out "$SCRATCH/ingest_$plan"

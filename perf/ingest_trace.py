@@ -166,7 +166,6 @@ async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
 
 async def run(model: Any, config: Config, args: argparse.Namespace, marks: Marks) -> list[dict]:
     engine = Engine(model, config, asyncio.get_running_loop())
-    engine.worker.scheduler.even_chunks = not args.greedy_chunks
     engine.start()
     bench = Bench(engine)
     fills = []
@@ -203,9 +202,8 @@ def main() -> int:
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--device", default="cuda",
                    help="cpu: the host side only, with the demo model (a smoke run)")
-    p.add_argument("--greedy-chunks", action="store_true",
-                   help="cut backlogs into full budgets and a remainder (the old plan), "
-                   "not even chunks")
+    p.add_argument("--no-data-graphs", action="store_true",
+                   help="graph_max_data 0: data chunks past the question sizes run eagerly")
     p.add_argument("--profile", action="store_true",
                    help="one more fill under torch.profiler (kernel totals, GPU idle gaps)")
     p.add_argument("--out", default="")
@@ -214,6 +212,7 @@ def main() -> int:
     config = Config(model=args.model if cuda else "demo", device=args.device,
                     dtype="bfloat16" if cuda else "float32", kv_cache_tokens=120_000,
                     max_batch_tokens=args.max_batch_tokens,
+                    graph_max_data=0 if args.no_data_graphs else Config().graph_max_data,
                     kernel_policy=args.kernel_policy if cuda else "")
     _, model = bind_and_load(config)
     model = dataclasses.replace(model, eos_ids=frozenset())

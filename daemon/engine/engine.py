@@ -99,7 +99,8 @@ class Engine:
         graphs = None
         if config.cuda_graphs and decoder.device.type == "cuda":
             graphs = StepGraphs(
-                decoder, cache, self.max_context, config.graph_max_batch, config.graph_max_question
+                decoder, cache, self.max_context, config.graph_max_batch,
+                config.graph_max_question, min(config.graph_max_data, config.max_batch_tokens),
             )
             graphs.capture()
         self.worker = Worker(

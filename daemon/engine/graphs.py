@@ -2,6 +2,9 @@
 question prefills (1 sequence x L tokens), one graph per bucketed shape. Prefill shapes are
 captured twice: with the logits of the last row (a question), and without (a little session
 data, where the vocabulary projection would be wasted work on the way to "queryable").
+Longer session-data chunks, up to ``max_data`` tokens, have graphs without logits only: an
+eager step launches about 450 kernels from Python, which on the H200's host took 27 ms, so
+an eager step of up to about a thousand tokens was bound by the host, not the GPU.
 
 Inputs live in static device buffers filled from pinned host buffers. Rows past a chunk's
 real tokens, and sequences past the real batch, are padding: they write only the pool's
@@ -11,6 +14,7 @@ captured logits of each sequence's last real row.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 
 import torch
@@ -25,6 +29,9 @@ from livelm.daemon.progress import Progress
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_BUCKETS = (8, 16, 32, 48, 64, 96, 128)
+# session data past the question sizes: at most a quarter of padding from 256 tokens on
+DATA_BUCKETS = (192, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280, 1536, 1792, 2048,
+                2560, 3072, 3584, 4096)
 
 Shape = tuple[int, int]  # (sequences, rows per sequence)
 Variant = tuple[Shape, bool]  # a shape, and whether the graph computes logits
@@ -32,12 +39,16 @@ Variant = tuple[Shape, bool]  # a shape, and whether the graph computes logits
 
 class StepGraphs:
     def __init__(
-        self, decoder: LlamaDecoder, cache: KVCache, max_context: int, max_batch: int, max_question: int
+        self, decoder: LlamaDecoder, cache: KVCache, max_context: int, max_batch: int,
+        max_question: int, max_data: int = 0,
     ) -> None:
         self.decoder, self.cache, self.max_context = decoder, cache, max_context
         self.decode_sizes = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         self.prefill_sizes = [n for n in PREFILL_BUCKETS if n <= max_question]
-        seqs, rows = self.decode_sizes[-1], max(self.decode_sizes[-1], max(self.prefill_sizes, default=1))
+        longest = max(self.prefill_sizes, default=0)
+        self.data_sizes = [n for n in DATA_BUCKETS if longest < n <= max_data]
+        seqs = self.decode_sizes[-1]
+        rows = max(seqs, longest, max(self.data_sizes, default=1))
         self.width = padded_width(-(-(max_context + rows) // cache.block_size) + 1)
         dev = decoder.device
         # ids, positions, slots and last rows share one int64 buffer, so they take one copy
@@ -61,6 +72,7 @@ class StepGraphs:
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()
         self._graphs: dict[Variant, torch.cuda.CUDAGraph] = {}
+        self.replays: collections.Counter[Variant] = collections.Counter()
         self._logits: dict[Shape, torch.Tensor] = {}  # the output of each shape's logits graph
 
     @property
@@ -69,7 +81,8 @@ class StepGraphs:
 
     @property
     def variants(self) -> list[Variant]:
-        return [(s, True) for s in self.shapes] + [((1, n), False) for n in self.prefill_sizes]
+        data = self.prefill_sizes + self.data_sizes
+        return [(s, True) for s in self.shapes] + [((1, n), False) for n in data]
 
     def capture(self, progress: bool = True) -> None:
         pool = None
@@ -90,13 +103,16 @@ class StepGraphs:
                 bar.update(1)
 
     def shape_for(self, chunks: list[Chunk]) -> Shape | None:
-        """The captured shape that can run this step, if any: a batch of decode tokens, or one
-        short chunk (a question, or a little session data)."""
+        """The captured shape that can run this step, if any: a batch of decode tokens, one
+        short chunk (a question, or a little session data), or one longer chunk of session
+        data (its graph has no logits)."""
         if all(ch.length == 1 and ch.sample for ch in chunks):
             return next(((b, 1) for b in self.decode_sizes if b >= len(chunks)), None)
-        if len(chunks) == 1:
-            return next(((1, n) for n in self.prefill_sizes if n >= chunks[0].length), None)
-        return None
+        if len(chunks) != 1:
+            return None
+        (chunk,) = chunks
+        sizes = self.prefill_sizes if chunk.sample or chunk.score else self.prefill_sizes + self.data_sizes
+        return next(((1, n) for n in sizes if n >= chunk.length), None)
 
     def run(
         self, chunks: list[Chunk], shape: Shape, feed: torch.Tensor | None = None
@@ -123,6 +139,7 @@ class StepGraphs:
         self._copy_tables(seqs, width)
         self._copied.record()
         self._graphs[(shape, with_logits)].replay()
+        self.replays[(shape, with_logits)] += 1
 
     def _copy_tables(self, seqs: int, width: int) -> None:
         """The staged block tables' first ``width`` columns to the device. Several rows cut

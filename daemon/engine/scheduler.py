@@ -6,16 +6,10 @@ that score a classification's multi-token choices count as questions. Otherwise
 live answers decode together; session data is ingested in the remaining steps, alternating
 with decode steps (at a quarter of the budget) while answers are being generated. Sessions
 that queries are waiting on are ingested first.
-
-A session's backlog larger than the budget is cut into even chunks over the fewest steps that
-hold it (``even_chunk``), not into full budgets and a remainder: every step pays one full
-read of the weights, so a short last chunk ingests at a fraction of a long one's rate (4097
-tokens under a 4096-token budget: 2112 + 1985, not 4096 + 1).
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from livelm.daemon.engine.sequence import Phase, QueryState, Sequence, SessionState
@@ -30,27 +24,10 @@ class Chunk:
     score: bool = False  # every row's log-probability of its target token is returned
 
 
-CHUNK_ALIGN = 64  # even chunks round up to whole KV blocks (the default block size)
-
-
-def even_chunk(pending: int, budget: int, align: int = CHUNK_ALIGN) -> int:
-    """Tokens to take now of a backlog of ``pending``: all of it when it fits the budget;
-    else an even share over the fewest steps that can hold it, rounded up to ``align`` (so
-    the last step takes what is left, never more steps than full budgets would take)."""
-    if pending <= budget:
-        return pending
-    steps = math.ceil(pending / budget)
-    share = math.ceil(pending / steps)
-    return min(budget, math.ceil(share / align) * align)
-
-
 class Scheduler:
-    def __init__(
-        self, max_batch_tokens: int, max_decode_seqs: int = 256, even_chunks: bool = True
-    ) -> None:
+    def __init__(self, max_batch_tokens: int, max_decode_seqs: int = 256) -> None:
         self.max_batch_tokens = max_batch_tokens
         self.max_decode_seqs = max_decode_seqs
-        self.even_chunks = even_chunks  # False: full budgets and a remainder (perf A/B)
         self._rotation = 0
         self._data_turn = False
 
@@ -90,7 +67,7 @@ class Scheduler:
         for s in self._data_order(sessions, awaited):
             if budget <= 0:
                 break
-            n = even_chunk(s.pending, budget) if self.even_chunks else min(s.pending, budget)
+            n = min(s.pending, budget)
             chunks.append(Chunk(s, s.num_computed, n, False))
             budget -= n
         return chunks
