@@ -32,7 +32,8 @@
 # chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
 # ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each with the data
 # graphs and without them (graph_max_data 0), each with a profiled fill. eagerhost: the host's time
-# in eager steps (1, 404 and 1109 tokens), by function.
+# in eager steps (1, 404 and 1109 tokens), by function. datagraphs: the GPU exactness tests, the
+# 8k fill with and without the data graphs, the stream bench without baselines.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -197,6 +198,20 @@ fi
 if [ "$MODE" = eagerhost ]; then  # the host time of eager steps, by function
     step eager_host 150 python3 perf/eager_host_profile.py --chunks 1@2600,404@2600,1109@6696 \
         --out "$SCRATCH/eager_host.json"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = datagraphs ]; then  # the data graphs: GPU exactness, the fill A/B, the stream bench
+    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py
+    for plan in 4096 4096-nographs; do
+        extra=""
+        [ "${plan#*-}" = nographs ] && extra="--no-data-graphs"
+        # shellcheck disable=SC2086
+        step "ingest_$plan" 120 python3 perf/ingest_trace.py --max-batch-tokens 4096 \
+            --repeats 3 $extra --out "$SCRATCH/ingest_$plan"
+    done
+    step stream 170 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 100 --out "$SCRATCH/stream"
     echo done
     exit 0
 fi
