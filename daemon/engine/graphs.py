@@ -46,7 +46,7 @@ class StepGraphs:
         self.decode_sizes = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         self.prefill_sizes = [n for n in PREFILL_BUCKETS if n <= max_question]
         longest = max(self.prefill_sizes, default=0)
-        self.data_sizes = [n for n in DATA_BUCKETS if longest < n <= max_data]
+        self.data_sizes = data_sizes(longest, max_data)
         seqs = self.decode_sizes[-1]
         rows = max(seqs, longest, max(self.data_sizes, default=1))
         self.width = padded_width(-(-(max_context + rows) // cache.block_size) + 1)
@@ -106,13 +106,7 @@ class StepGraphs:
         """The captured shape that can run this step, if any: a batch of decode tokens, one
         short chunk (a question, or a little session data), or one longer chunk of session
         data (its graph has no logits)."""
-        if all(ch.length == 1 and ch.sample for ch in chunks):
-            return next(((b, 1) for b in self.decode_sizes if b >= len(chunks)), None)
-        if len(chunks) != 1:
-            return None
-        (chunk,) = chunks
-        sizes = self.prefill_sizes if chunk.sample or chunk.score else self.prefill_sizes + self.data_sizes
-        return next(((1, n) for n in sizes if n >= chunk.length), None)
+        return pick_shape(chunks, self.decode_sizes, self.prefill_sizes, self.data_sizes)
 
     def run(
         self, chunks: list[Chunk], shape: Shape, feed: torch.Tensor | None = None
@@ -171,6 +165,26 @@ class StepGraphs:
         if not with_logits:
             return None
         return self.decoder.logits(hidden.index_select(0, d["last"][:seqs])).float()
+
+
+def data_sizes(longest_question: int, max_data: int) -> list[int]:
+    """The data-only graph sizes past the question graphs' longest, up to ``max_data``."""
+    return [n for n in DATA_BUCKETS if longest_question < n <= max_data]
+
+
+def pick_shape(
+    chunks: list[Chunk], decode_sizes: list[int], prefill_sizes: list[int], data_sizes: list[int]
+) -> Shape | None:
+    """The smallest captured shape that holds the step: decode rows batch into (B, 1); one
+    chunk into (1, L), where a question or a scoring chunk needs a graph with logits (the
+    question sizes), and session data may also take a data-only size."""
+    if all(ch.length == 1 and ch.sample for ch in chunks):
+        return next(((b, 1) for b in decode_sizes if b >= len(chunks)), None)
+    if len(chunks) != 1:
+        return None
+    (chunk,) = chunks
+    sizes = prefill_sizes if chunk.sample or chunk.score else prefill_sizes + data_sizes
+    return next(((1, n) for n in sizes if n >= chunk.length), None)
 
 
 def _launch_mode(shape: Shape) -> contextlib.AbstractContextManager:

@@ -1,0 +1,53 @@
+"""Which captured graph a step replays (``graphs.pick_shape``): pure host logic, so it is
+checked here without CUDA; the graphs' numerics are checked on the GPU (test_gpu_exactness)."""
+
+from __future__ import annotations
+
+from livelm.daemon.engine.graphs import DATA_BUCKETS, PREFILL_BUCKETS, data_sizes, pick_shape
+from livelm.daemon.engine.scheduler import Chunk
+from livelm.daemon.engine.sequence import QueryState, SessionState
+
+DECODE = [1, 2, 4, 8]
+PREFILL = list(PREFILL_BUCKETS)
+DATA = data_sizes(max(PREFILL), 2048)
+
+
+def data(length: int) -> Chunk:
+    return Chunk(SessionState(tokens=[0] * 5000), 100, length, sample=False)
+
+
+def question(length: int, score: bool = False) -> Chunk:
+    return Chunk(QueryState(tokens=[0] * 5000), 100, length, sample=not score, score=score)
+
+
+def test_data_sizes_start_past_the_questions_and_stop_at_the_limit() -> None:
+    assert DATA[0] > max(PREFILL) and DATA[-1] == 2048
+    assert data_sizes(128, 0) == []
+    assert data_sizes(128, 1000) == [n for n in DATA_BUCKETS if 128 < n <= 896]
+
+
+def test_a_data_chunk_takes_the_smallest_bucket_that_holds_it() -> None:
+    assert pick_shape([data(100)], DECODE, PREFILL, DATA) == (1, 128)
+    assert pick_shape([data(404)], DECODE, PREFILL, DATA) == (1, 448)
+    assert pick_shape([data(1109)], DECODE, PREFILL, DATA) == (1, 1280)
+    assert pick_shape([data(2048)], DECODE, PREFILL, DATA) == (1, 2048)
+    assert pick_shape([data(2049)], DECODE, PREFILL, DATA) is None  # eager
+
+
+def test_questions_and_scoring_chunks_never_take_a_graph_without_logits() -> None:
+    assert pick_shape([question(32)], DECODE, PREFILL, DATA) == (1, 32)
+    assert pick_shape([question(200)], DECODE, PREFILL, DATA) is None
+    assert pick_shape([question(200, score=True)], DECODE, PREFILL, DATA) is None
+
+
+def test_decode_rows_batch_and_mixed_steps_run_eagerly() -> None:
+    rows = [question(1) for _ in range(3)]
+    assert pick_shape(rows, DECODE, PREFILL, DATA) == (4, 1)
+    assert pick_shape([question(1) for _ in range(9)], DECODE, PREFILL, DATA) is None
+    assert pick_shape([data(300), data(300)], DECODE, PREFILL, DATA) is None
+
+
+def test_padding_stays_within_a_quarter_from_256_tokens_on() -> None:
+    for small, large in zip(DATA_BUCKETS, DATA_BUCKETS[1:], strict=False):
+        if small >= 256:
+            assert large <= small * 1.25
