@@ -33,7 +33,9 @@
 # ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each with the data
 # graphs and without them (graph_max_data 0), each with a profiled fill. eagerhost: the host's time
 # in eager steps (1, 404 and 1109 tokens), by function. datagraphs: the GPU exactness tests, the
-# 8k fill with and without the data graphs, the stream bench without baselines.
+# 8k fill with and without the data graphs, the stream bench without baselines. datanext: the
+# GPU exactness tests, a profiled fill (the replayed data step's timeline), and the stream bench
+# without baselines with the data graphs and without them.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -212,6 +214,17 @@ if [ "$MODE" = datagraphs ]; then  # the data graphs: GPU exactness, the fill A/
     done
     step stream 170 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
         --push-samples 100 --out "$SCRATCH/stream"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = datanext ]; then  # the data graphs checked, profiled, and A/B'd in the stream bench
+    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py
+    step ingest_profile 120 python3 perf/ingest_trace.py --max-batch-tokens 4096 --repeats 2 \
+        --profile --out "$SCRATCH/ingest_profile"
+    for graphs in 2048 0; do
+        step "stream_$graphs" 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+            --repeats 8 --push-samples 100 --graph-max-data "$graphs" --out "$SCRATCH/stream_$graphs"
+    done
     echo done
     exit 0
 fi

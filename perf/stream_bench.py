@@ -373,6 +373,9 @@ def parse_args() -> argparse.Namespace:
                    help="skip the start-up compile of every kernel variant (an A/B of its cost)")
     p.add_argument("--no-gc-freeze", action="store_true",
                    help="leave start-up objects in the cyclic collector's walks (gc_freeze off)")
+    p.add_argument("--graph-max-data", type=int, default=Config().graph_max_data,
+                   help="the longest session-data chunk a graph replays (0: past the question "
+                   "sizes, data steps run eagerly)")
     p.add_argument("--cache-dir", default=os.environ.get("LIVELM_HOME", "/tmp/livelm-cache"))
     p.add_argument("--out", default="perf/results")
     return p.parse_args()
@@ -384,7 +387,7 @@ def main() -> int:
                     kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     kernel_policy=args.kernel_policy, warm_up_kernels=not args.no_kernel_warm_up,
                     decode_run_ahead=not args.no_decode_ahead, block_size=args.block_size,
-                    gc_freeze=not args.no_gc_freeze)
+                    gc_freeze=not args.no_gc_freeze, graph_max_data=args.graph_max_data)
     device = config.torch_device()
     ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)
