@@ -83,6 +83,22 @@ def test_a_push_reaches_the_worker_whole(folder: Path, tmp_path: Path) -> None:
     assert run_engine(model, steps_for_one_push, max_batch_tokens=4096) == 1
 
 
+def test_steps_are_counted_as_graph_replays_or_eager(folder: Path, tmp_path: Path) -> None:
+    """The metrics split the worker's steps into graph replays and eager launches (the host
+    cost of an eager step is what the data graphs remove); on the CPU every step is eager."""
+    model = loaded(folder, tmp_path)
+
+    async def counts(engine: Engine) -> dict[str, float]:
+        sid = (await engine.init_session(InitRequest(prompt="feed", template="raw"))).session_id
+        await ingested(engine, sid, (await engine.push(sid, rows(0, 0))).seq)
+        await engine.generate(sid, GenerateRequest(prompt="last v?", max_tokens=3)).result()
+        return engine.metrics()
+
+    m = run_engine(model, counts, max_batch_tokens=4096)
+    assert m["worker_graph_steps_total"] == 0
+    assert m["worker_eager_steps_total"] == m["worker_steps_total"] >= 3
+
+
 async def ingested(engine: Engine, sid: str, seq: int) -> None:
     events = engine.subscribe(sid, frozenset({"data"}))
     try:

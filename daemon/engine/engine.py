@@ -539,6 +539,8 @@ class Engine:
             "ring_words_used": self.ring.used,
             "worker_alive": float(self.worker.is_alive()),
             "worker_steps_total": float(self.worker.steps),
+            "worker_graph_steps_total": float(self.worker.runner.graph_steps),
+            "worker_eager_steps_total": float(self.worker.runner.eager_steps),
             "event_subscribers": sum(b.hub.subscribers for b in self._flash.values()),
             "flash_rounds_inflight": sum(b.round_running for b in self._flash.values()),
             **self._piece_cache_metrics(),

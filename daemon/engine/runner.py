@@ -63,6 +63,7 @@ class ModelRunner:
         self.cache = cache
         self.device = decoder.device
         self.graphs = graphs  # steps of a captured shape replay these
+        self.eager_steps = 0  # steps no captured graph held (their launches cost host time)
 
     @torch.inference_mode()
     def run(
@@ -89,6 +90,7 @@ class ModelRunner:
                 logits, sampling_batch(params, generators, self.device)
             )
             return StepOutput(tokens.tolist(), logits)
+        self.eager_steps += 1
         batch = build_batch(chunks, self.cache.block_size, self.device)
         hidden = self.decoder(batch.input_ids, batch.positions, batch.meta, self.cache.layers)
         scores = self._scores(hidden, batch.score_rows, batch.score_targets, chunks)
@@ -122,6 +124,7 @@ class ModelRunner:
         if shape is not None:
             logits = self.graphs.run(chunks, shape, feed)
         else:
+            self.eager_steps += 1
             batch = build_batch(chunks, self.cache.block_size, self.device)
             if feed is not None:  # a decode batch holds one row per chunk, in chunk order
                 batch.input_ids[: len(chunks)].copy_(feed)
@@ -133,6 +136,11 @@ class ModelRunner:
             logits = self.decoder.logits(hidden).float()
         tokens = self.decoder.kernels.sample(logits, sampling_batch(params, generators, self.device))
         return PendingStep.reading_back(tokens)
+
+    @property
+    def graph_steps(self) -> int:
+        """Steps that replayed a captured graph."""
+        return 0 if self.graphs is None else sum(self.graphs.replays.values())
 
     def _scores(
         self, hidden: torch.Tensor, rows: list[int], targets: list[int], chunks: list[Chunk]
