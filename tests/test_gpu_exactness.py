@@ -92,7 +92,7 @@ def test_cuda_data_chunks_replayed_by_graphs_match_transformers(tmp_path: Path) 
                                  capture_logits=True)
         graphs = engine.worker.runner.graphs
         done = await handle.result()
-        data = {shape[1]: n for (shape, logits), n in graphs.replays.items()
+        data = {shape[1]: n for (shape, logits), n in dict(graphs.replays).items()
                 if not logits and shape[1] > max(graphs.prefill_sizes)}
         return done, handle.first_logits, data
 

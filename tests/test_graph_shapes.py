@@ -23,7 +23,8 @@ def question(length: int, score: bool = False) -> Chunk:
 def test_data_sizes_start_past_the_questions_and_stop_at_the_limit() -> None:
     assert DATA[0] > max(PREFILL) and DATA[-1] == 2048
     assert data_sizes(128, 0) == []
-    assert data_sizes(128, 1000) == [n for n in DATA_BUCKETS if 128 < n <= 896]
+    assert data_sizes(128, 1000) == [192, 256, 320, 384, 448, 512, 640, 768, 896]
+    assert data_sizes(256, 512) == [320, 384, 448, 512]
 
 
 def test_a_data_chunk_takes_the_smallest_bucket_that_holds_it() -> None:

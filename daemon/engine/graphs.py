@@ -72,7 +72,10 @@ class StepGraphs:
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()
         self._graphs: dict[Variant, torch.cuda.CUDAGraph] = {}
+        # replays by variant, and in all (one int: the metrics read it from the event loop's
+        # thread while the worker may add a variant to the counter)
         self.replays: collections.Counter[Variant] = collections.Counter()
+        self.replayed = 0
         self._logits: dict[Shape, torch.Tensor] = {}  # the output of each shape's logits graph
 
     @property
@@ -134,6 +137,7 @@ class StepGraphs:
         self._copied.record()
         self._graphs[(shape, with_logits)].replay()
         self.replays[(shape, with_logits)] += 1
+        self.replayed += 1
 
     def _copy_tables(self, seqs: int, width: int) -> None:
         """The staged block tables' first ``width`` columns to the device. Several rows cut

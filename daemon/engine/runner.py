@@ -140,7 +140,7 @@ class ModelRunner:
     @property
     def graph_steps(self) -> int:
         """Steps that replayed a captured graph."""
-        return 0 if self.graphs is None else sum(self.graphs.replays.values())
+        return 0 if self.graphs is None else self.graphs.replayed
 
     def _scores(
         self, hidden: torch.Tensor, rows: list[int], targets: list[int], chunks: list[Chunk]
