@@ -26,6 +26,7 @@ from livelm.daemon.engine.staging import StagingArrays, StepStaging
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.model.decoder import LlamaDecoder
 from livelm.daemon.progress import Progress
+from livelm.protocol.errors import ConfigError
 
 DECODE_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 PREFILL_BUCKETS = (8, 16, 32, 48, 64, 96, 128)
@@ -88,6 +89,18 @@ class StepGraphs:
         return [(s, True) for s in self.shapes] + [((1, n), False) for n in data]
 
     def capture(self, progress: bool = True) -> None:
+        """Captures every variant; out of device memory, says which settings to lower."""
+        try:
+            self._capture(progress)
+        except torch.cuda.OutOfMemoryError as exc:
+            raise ConfigError(
+                f"out of device memory capturing the CUDA graphs at start-up (up to "
+                f"{self.decode_sizes[-1]} decode rows, {max(self.data_sizes, default=0)} data "
+                "tokens); lower kv_memory_fraction (or kv_cache_tokens), graph_max_batch or "
+                f"graph_max_data, or set cuda_graphs: false: {exc}"
+            ) from exc
+
+    def _capture(self, progress: bool) -> None:
         pool = None
         # largest first, so the smaller graphs fit in the memory pool the first one sized
         variants = sorted(self.variants, key=lambda v: v[0][0] * v[0][1], reverse=True)
