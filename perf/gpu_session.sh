@@ -30,8 +30,9 @@
 # program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
 # tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
 # chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
-# ingestprof: ingest_trace.py's fill with budgets of 4096 and 2048 tokens, each with the data
-# graphs and without them (graph_max_data 0), each with a profiled fill. eagerhost: the host's time
+# ingestprof: the fill's chunks timed alone, then ingest_trace.py's fill with budgets of 4096
+# and 2048 tokens, each with the data graphs and without them (graph_max_data 0), each with a
+# profiled fill (PLANS picks some). eagerhost: the host's time
 # in eager steps (1, 404 and 1109 tokens), by function. datagraphs: the GPU exactness tests, the
 # 8k fill with and without the data graphs, the stream bench without baselines. datanext: the
 # GPU exactness tests, a profiled fill (the replayed data step's timeline), and the stream bench
