@@ -13,6 +13,7 @@ import cProfile
 import io
 import json
 import pstats
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,8 +49,8 @@ def step_times(decoder, cache: KVCache, chunk: list[Chunk], repeat: int) -> dict
         launch.append((t1 - t0) * 1e3)
         wall.append((t2 - t0) * 1e3)
         gpu.append(start.elapsed_time(end))
-    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
-    return {"launch_ms": med(launch), "wall_ms": med(wall), "gpu_ms": med(gpu)}
+    return {"launch_ms": statistics.median(launch), "wall_ms": statistics.median(wall),
+            "gpu_ms": statistics.median(gpu)}
 
 
 def main() -> int:

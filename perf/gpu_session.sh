@@ -27,9 +27,9 @@
 # sweep's best, an alternative, and the default again. ingest: ingest_trace.py's 2.6k -> 8k
 # fill (the push, each step's chunks, wall and GPU time) with steps of 4096 and of 8192 tokens.
 # splits: the step profile with the one-row decode attention's split rule, with 16 splits (one
-# program per SM), and with the rule again. chunks: the 8k ingest's chunks (4096 and 1109
-# tokens, and the fill as one chunk) by kernel. ingestmap: the same, then the fill under other
-# chunk plans, the chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
+# program per SM), and with the rule again. ingestmap: the 8k ingest's chunks (4096 and 1109
+# tokens, and the fill as one chunk) by kernel, then the fill under other chunk plans, the
+# chunk's attention against SDPA's backends, cuBLAS at chunk-sized M.
 # ingestprof: the fill's chunks timed alone, then ingest_trace.py's fill with budgets of 4096
 # and 2048 tokens, each with the data graphs and without them (graph_max_data 0), each with a
 # profiled fill (PLANS picks some). eagerhost: the host's time
@@ -157,12 +157,6 @@ if [ "$MODE" = splits ]; then  # the one-row decode attention at one program per
         step "step_$run" 80 python3 perf/step_profile.py --contexts 3000,19000,34000 $extra \
             --out "$SCRATCH/step_$run.json"
     done
-    echo done
-    exit 0
-fi
-if [ "$MODE" = chunks ]; then  # the 8k ingest's two chunks by kernel (no PDL: honest times)
-    step chunks 150 python3 perf/step_profile.py --no-pdl --kernels --contexts 19000 \
-        --sessions 0 --chunks 4096@2600,1109@6700,5205@2600 --out "$SCRATCH/chunks.json"
     echo done
     exit 0
 fi
