@@ -49,25 +49,42 @@ def graph_ms(fn, repeat: int = 20) -> float:
     return start.elapsed_time(end) / repeat
 
 
+def parse_rows(text: str) -> list[int]:
+    rows: list[int] = []
+    for part in text.split(","):
+        if ":" in part:
+            start, stop, step = (int(v) for v in part.split(":"))
+            rows.extend(range(start, stop + 1, step))
+        else:
+            rows.append(int(part))
+    return rows
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--rows", default="1,8,32,64")
+    p.add_argument("--rows", default="1,8,32,64", help="M values, or START:STOP:STEP ranges")
+    p.add_argument("--shapes", default="", help="comma-separated GEMM names (default: all)")
+    p.add_argument("--blas", choices=("default", "cublas", "cublaslt"), default="default")
     p.add_argument("--out", default="")
     args = p.parse_args()
+    if args.blas != "default":
+        torch.backends.cuda.preferred_blas_library(args.blas)
     device = torch.device("cuda")
     copy_bw = measure_ceilings(device).copy_bytes_per_s
     results = []
-    for name, n, k in SHAPES:
+    names = set(args.shapes.split(",")) if args.shapes else {name for name, _, _ in SHAPES}
+    for name, n, k in (shape for shape in SHAPES if shape[0] in names):
         # several weights so each call reads from HBM, not from L2 (50 MB)
         copies = max(2, int(200e6 // (n * k * 2)) + 1)
         weights = [torch.randn(n, k, device=device, dtype=torch.bfloat16) for _ in range(copies)]
-        for m in (int(r) for r in args.rows.split(",")):
+        for m in parse_rows(args.rows):
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16)
             ms = graph_ms(lambda x=x, ws=weights: [F.linear(x, w) for w in ws]) / copies
             floor = n * k * 2 / copy_bw * 1e3
             results.append(
                 {
                     "gemm": name,
+                    "blas": args.blas,
                     "m": m,
                     "ms": ms,
                     "floor_ms": floor,
@@ -76,7 +93,7 @@ def main() -> int:
                 }
             )
             print(
-                f"{name:>8} M={m:3d}: {ms * 1e3:8.1f} us, {results[-1]['tb_per_s']:.2f} TB/s, "
+                f"{name:>8} M={m:4d}: {ms * 1e3:8.1f} us, {results[-1]['tb_per_s']:.2f} TB/s, "
                 f"{ms / floor:.2f}x floor, {results[-1]['tflops']:.0f} TFLOP/s",
                 flush=True,
             )

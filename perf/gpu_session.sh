@@ -36,7 +36,8 @@
 # in eager steps (1, 404 and 1109 tokens), by function. datagraphs: the GPU exactness tests, the
 # 8k fill with and without the data graphs, the stream bench without baselines. datanext: the
 # GPU exactness tests, a profiled fill (the replayed data step's timeline), and the stream bench
-# without baselines with the data graphs and without them.
+# without baselines with the data graphs and without them. gemmsweep: the model's GEMMs timed
+# at every 32nd row count from 192 to 2048 (and every 128th to 4352), cuBLAS and cuBLASLt.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -219,6 +220,14 @@ if [ "$MODE" = datanext ]; then  # the data graphs checked, profiled, and A/B'd 
     for graphs in 2048 0; do
         step "stream_$graphs" 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
             --repeats 8 --push-samples 100 --graph-max-data "$graphs" --out "$SCRATCH/stream_$graphs"
+    done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = gemmsweep ]; then  # cuBLAS's pick by row count, over the data buckets' range
+    for blas in default cublaslt; do
+        step "gemm_$blas" 150 python3 perf/gemm_bench.py --shapes qkv,o,gate_up,down \
+            --rows 192:2048:32,2176:4352:128 --blas "$blas" --out "$SCRATCH/gemm_$blas.json"
     done
     echo done
     exit 0
