@@ -72,8 +72,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     graph_max_batch: int = 128  # the largest decode batch captured; larger batches run eagerly
     graph_max_question: int = 128  # the longest question prefill captured (0 = none)
     # the longest session-data chunk captured (0 = none past graph_max_question): eager steps
-    # of a few hundred tokens are bound by the host's launches, graphs are not
-    graph_max_data: int = 2048
+    # of up to about a thousand tokens are bound by the host's launches, graphs are not; past
+    # that the GPU is the bound, and padding to a bucket would only add work
+    graph_max_data: int = 1024
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
     max_flash_queries: int = 16  # flash queries per session
     prefix_cache_conversations: int = 64  # completions kept for KV reuse; 0 = no reuse

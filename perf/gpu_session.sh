@@ -38,6 +38,7 @@
 # GPU exactness tests, a profiled fill (the replayed data step's timeline), and the stream bench
 # without baselines with the data graphs and without them. gemmsweep: the model's GEMMs timed
 # at every 32nd row count from 192 to 2048 (and every 128th to 4352), cuBLAS and cuBLASLt.
+# prune: the data graphs' start-up timing (tests, the profiled fill, the stream bench).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -221,6 +222,15 @@ if [ "$MODE" = datanext ]; then  # the data graphs checked, profiled, and A/B'd 
         step "stream_$graphs" 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
             --repeats 8 --push-samples 100 --graph-max-data "$graphs" --out "$SCRATCH/stream_$graphs"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = prune ]; then  # data graphs timed at start-up, the slow sizes dropped
+    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py
+    step ingest_profile 120 python3 perf/ingest_trace.py --max-batch-tokens 4096 --repeats 3 \
+        --profile --out "$SCRATCH/ingest_profile"
+    step stream 170 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 100 --out "$SCRATCH/stream"
     echo done
     exit 0
 fi

@@ -168,6 +168,9 @@ async def run(model: Any, config: Config, args: argparse.Namespace, marks: Marks
     engine = Engine(model, config, asyncio.get_running_loop())
     engine.start()
     bench = Bench(engine)
+    graphs = engine.worker.runner.graphs
+    if graphs is not None:
+        print(f"data graph sizes kept: {graphs.data_sizes}", flush=True)
     fills = []
     try:
         await one_fill(bench, marks, args.start, args.target)  # warm-up

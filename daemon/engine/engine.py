@@ -103,6 +103,7 @@ class Engine:
                 config.graph_max_question, min(config.graph_max_data, config.max_batch_tokens),
             )
             graphs.capture()
+            _drop_slow_data_graphs(graphs)
         self.worker = Worker(
             ModelRunner(decoder, cache, graphs),
             KVManager(BlockPool(num_blocks), cache),
@@ -566,3 +567,14 @@ def _freeze_heap() -> None:
     gc.collect()
     gc.freeze()
     log.info("gc frozen", extra={"frozen_objects": gc.get_freeze_count()})
+
+
+def _drop_slow_data_graphs(graphs: StepGraphs) -> None:
+    times = graphs.drop_slow_data_sizes()
+    if times:
+        log.info(
+            "data graphs timed",
+            extra={"kept": graphs.data_sizes,
+                   "dropped": [n for n in times if n not in graphs.data_sizes],
+                   "ms": {n: round(ms, 2) for n, ms in times.items()}},
+        )
