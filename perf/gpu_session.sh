@@ -38,7 +38,8 @@
 # GPU exactness tests, a profiled fill (the replayed data step's timeline), and the stream bench
 # without baselines with the data graphs and without them. gemmsweep: the model's GEMMs timed
 # at every 32nd row count from 192 to 2048 (and every 128th to 4352), cuBLAS and cuBLASLt.
-# prune: the data graphs' start-up timing (tests, the profiled fill, the stream bench).
+# prune: the data graphs' start-up timing (tests, the profiled fill, the stream bench), and
+# the fill and the stream bench with a step budget of 8192 tokens against 4096.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -229,8 +230,13 @@ if [ "$MODE" = prune ]; then  # data graphs timed at start-up, the slow sizes dr
     step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py
     step ingest_profile 120 python3 perf/ingest_trace.py --max-batch-tokens 4096 --repeats 3 \
         --profile --out "$SCRATCH/ingest_profile"
-    step stream 170 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
-        --push-samples 100 --out "$SCRATCH/stream"
+    step ingest_8192 60 python3 perf/ingest_trace.py --max-batch-tokens 8192 --repeats 3 \
+        --out "$SCRATCH/ingest_8192"
+    for budget in 4096 8192; do
+        step "stream_$budget" 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+            --repeats 8 --push-samples 100 --max-batch-tokens "$budget" \
+            --out "$SCRATCH/stream_$budget"
+    done
     echo done
     exit 0
 fi
