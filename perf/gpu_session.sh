@@ -39,7 +39,9 @@
 # without baselines with the data graphs and without them. gemmsweep: the model's GEMMs timed
 # at every 32nd row count from 192 to 2048 (and every 128th to 4352), cuBLAS and cuBLASLt.
 # prune: the data graphs' start-up timing (tests, the profiled fill, the stream bench), and
-# the fill and the stream bench with a step budget of 8192 tokens against 4096.
+# the fill and the stream bench with a step budget of 8192 tokens against 4096. waves: the
+# long-chunk attention split over keys to balance its waves (by TMA and by pointer), then the
+# fill with the GPU's clocks, power and throttle reasons sampled every 20 ms.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -237,6 +239,22 @@ if [ "$MODE" = prune ]; then  # data graphs timed at start-up, the slow sizes dr
             --repeats 8 --push-samples 100 --max-batch-tokens "$budget" \
             --out "$SCRATCH/stream_$budget"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = waves ]; then  # key splits for wave balance in long chunks; clocks in the fill
+    for tma in "" --tma-splits; do
+        step "waves$tma" 150 python3 perf/prefill_sweep.py --tma $tma --tiles 64/64/4/3 \
+            --splits 1,2,3,4 --contexts 8205 --q 1040,1056,1072,1088,1105,4096 \
+            --out "$SCRATCH/waves$tma.json"
+    done
+    nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,\
+clocks_event_reasons.active --format=csv,noheader -lms 20 > "$SCRATCH/clocks.csv" &
+    smi=$!
+    step ingest_clocks 90 python3 perf/ingest_trace.py --max-batch-tokens 4096 --repeats 5 \
+        --out "$SCRATCH/ingest_clocks"
+    kill $smi
+    tar czf "$FINAL/session.tgz" -C "$SCRATCH" .
     echo done
     exit 0
 fi

@@ -45,6 +45,9 @@ def main() -> int:
     p.add_argument("--tma", action="store_true", help="the TMA candidate, 64-token pages")
     p.add_argument("--ab-lazy", action="store_true",
                    help="only the plan's tiles, with deferred rescaling on and off")
+    p.add_argument("--splits", default="", help="only these split counts (0: the plan's)")
+    p.add_argument("--tma-splits", action="store_true",
+                   help="with --tma: split launches load by TMA too")
     p.add_argument("--out", default="")
     args = p.parse_args()
     kernel = (paged_prefill.paged_prefill_attention_tma if args.tma
@@ -53,6 +56,9 @@ def main() -> int:
     original = paged_prefill._tiles, paged_prefill._split_tiles
     rows = []
     tiles_grid, splits_grid = (TILES, SPLITS) if args.grid == "short" else (LONG_TILES, (0,))
+    if args.splits:
+        splits_grid = tuple(int(v) for v in args.splits.split(","))
+    paged_prefill.TMA_IN_SPLITS = args.tma_splits
     if args.tiles:
         tiles_grid = [tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")]
     if args.ab_lazy:

@@ -45,6 +45,7 @@ MAX_ROWS = 128
 LAZY_RESCALE = True  # defer the online softmax's rescaling where it measured faster
 RESCALE_LOG2 = tl.constexpr(8.0)  # how far (log2) a row's maximum may outgrow its reference
 CARRY_PAGES = True  # look up a key tile's pages one iteration ahead (``_attend_tiles``)
+TMA_IN_SPLITS = False  # whether a split launch may load by TMA (``paged_prefill_attention_tma``)
 
 
 @triton.jit
@@ -370,7 +371,7 @@ def _attend(
         return torch.empty(q.shape, device=q.device, dtype=q.dtype)
     plan = _plan(q, k_cache, meta)
     splits = num_splits or plan["splits"]
-    use_tma = use_tma and splits == 1
+    use_tma = use_tma and (splits == 1 or TMA_IN_SPLITS)
     if use_tma:
         plan["block_n"] = k_cache.shape[1]
     k_desc, v_desc = tma.kernel_args(k_cache, v_cache, use_tma)
