@@ -109,7 +109,7 @@ async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int,
     marks.spans.clear()
     marks.gpu.clear()
     with around():
-        origin = time.perf_counter()
+        origin, wall_origin = time.perf_counter(), time.time()
         tokens, seconds = await bench.fill(sid, target)
     queryable = (time.perf_counter() - origin) * 1e3
     if torch.cuda.is_available():
@@ -126,7 +126,8 @@ async def one_fill(bench: Bench, marks: Marks, start_tokens: int, target: int,
               flush=True)
     # the fill's probe push (and its steps) come first, before its clock starts
     return {"tokens": tokens, "ms": seconds * 1e3, "tokens_per_s": tokens / seconds,
-            "clock_start": queryable - seconds * 1e3, "queryable": queryable, "spans": spans}
+            "clock_start": queryable - seconds * 1e3, "queryable": queryable, "spans": spans,
+            "wall_origin": wall_origin}
 
 
 async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
