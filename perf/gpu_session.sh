@@ -41,7 +41,8 @@
 # prune: the data graphs' start-up timing (tests, the profiled fill, the stream bench), and
 # the fill and the stream bench with a step budget of 8192 tokens against 4096. waves: the
 # long-chunk attention split over keys to balance its waves (by TMA and by pointer), then the
-# fill with the GPU's clocks, power and throttle reasons sampled every 20 ms.
+# fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
+# stream bench with its baselines, alone.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -263,6 +264,12 @@ if [ "$MODE" = gemmsweep ]; then  # cuBLAS's pick by row count, over the data bu
         step "gemm_$blas" 150 python3 perf/gemm_bench.py --shapes qkv,o,gate_up,down \
             --rows 192:2048:32,2176:4352:128 --blas "$blas" --out "$SCRATCH/gemm_$blas.json"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = record ]; then  # the stream bench with its baselines only (no agent turns)
+    step stream_bench 330 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
+        --out "$SCRATCH/stream"
     echo done
     exit 0
 fi
