@@ -75,6 +75,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # of up to about a thousand tokens are bound by the host's launches, graphs are not; past
     # that the GPU is the bound, and padding to a bucket would only add work
     graph_max_data: int = 1024
+    # the most sessions whose data one captured step may hold (a feed pushing to many sessions
+    # at once); 0 = none: such steps run eagerly
+    graph_max_data_seqs: int = 0
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
     max_flash_queries: int = 16  # flash queries per session
     prefix_cache_conversations: int = 64  # completions kept for KV reuse; 0 = no reuse
@@ -324,6 +327,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "graph_max_batch": (lambda v: 1 <= v <= 256, "from 1 to 256"),
     "graph_max_question": (lambda v: 0 <= v <= 128, "from 0 to 128"),
     "graph_max_data": (lambda v: 0 <= v <= 4096, "from 0 to 4096 (0 = none)"),
+    "graph_max_data_seqs": (lambda v: 0 <= v <= 255, "from 0 to 255 (0 = none)"),
     "event_buffer": (lambda v: 1 <= v <= 1_000_000, "from 1 to 1000000 events"),
     "max_flash_queries": (lambda v: 0 <= v <= 1024, "from 0 to 1024 (0 = flash queries off)"),
     "prefix_cache_conversations": (lambda v: 0 <= v <= 65536, "from 0 (reuse off) to 65536"),

@@ -42,7 +42,8 @@
 # the fill and the stream bench with a step budget of 8192 tokens against 4096. waves: the
 # long-chunk attention split over keys to balance its waves (by TMA and by pointer), then the
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
-# stream bench with its baselines, alone.
+# stream bench with its baselines, alone. packed: the packed data graphs' GPU tests, the
+# fan-out push bench (64 sessions at 4k) with them and without, the stream bench with them.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -264,6 +265,18 @@ if [ "$MODE" = gemmsweep ]; then  # cuBLAS's pick by row count, over the data bu
         step "gemm_$blas" 150 python3 perf/gemm_bench.py --shapes qkv,o,gate_up,down \
             --rows 192:2048:32,2176:4352:128 --blas "$blas" --out "$SCRATCH/gemm_$blas.json"
     done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs: checked, then A/B'd
+    step gpu_tests 200 python3 -m pytest -q tests/test_gpu_exactness.py \
+        tests/test_triton_kernels.py -k "packed or partition or data_chunks or concurrent"
+    for seqs in 64 0; do
+        step "fanout_$seqs" 150 python3 perf/fanout_bench.py --sessions 64 --context 4096 \
+            --rounds 50 --graph-max-data-seqs "$seqs" --out "$SCRATCH/fanout_$seqs"
+    done
+    step stream_packed 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+        --repeats 8 --push-samples 100 --graph-max-data-seqs 64 --out "$SCRATCH/stream_packed"
     echo done
     exit 0
 fi

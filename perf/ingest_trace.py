@@ -15,7 +15,6 @@ totals, to set against ``step_profile.py --chunks`` for the same chunks).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextlib
 import dataclasses
 import functools
@@ -31,7 +30,7 @@ import torch
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from stream_bench import Bench  # noqa: E402
+from stream_bench import Bench, start_bench  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
 from livelm.daemon.engine.engine import Engine  # noqa: E402
@@ -166,12 +165,8 @@ async def profiled_fill(bench: Bench, marks: Marks, start_tokens: int,
 
 
 async def run(model: Any, config: Config, args: argparse.Namespace, marks: Marks) -> list[dict]:
-    engine = Engine(model, config, asyncio.get_running_loop())
-    engine.start()
-    bench = Bench(engine)
-    graphs = engine.worker.runner.graphs
-    if graphs is not None:
-        print(f"data graph sizes kept: {graphs.data_sizes}", flush=True)
+    bench = start_bench(model, config)
+    engine = bench.engine
     fills = []
     try:
         await one_fill(bench, marks, args.start, args.target)  # warm-up

@@ -63,6 +63,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def start_bench(model: Any, config: Config) -> Bench:
+    """An engine started on ``model`` under ``config``, for a bench to drive (stop it with
+    ``bench.engine.stop``); prints the data graph sizes it captured and kept."""
+    engine = Engine(model, config, asyncio.get_running_loop())
+    engine.start()
+    graphs = engine.worker.runner.graphs
+    if graphs is not None:
+        print(f"data graph sizes kept: {graphs.data_sizes}; packed: {graphs.packed_sizes}",
+              flush=True)
+    return Bench(engine)
+
+
 class Bench:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -376,6 +388,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--graph-max-data", type=int, default=Config().graph_max_data,
                    help="the longest session-data chunk a graph replays (0: past the question "
                    "sizes, data steps run eagerly)")
+    p.add_argument("--graph-max-data-seqs", type=int, default=Config().graph_max_data_seqs,
+                   help="the most sessions whose data one packed graph holds (0: none)")
     p.add_argument("--cache-dir", default=os.environ.get("LIVELM_HOME", "/tmp/livelm-cache"))
     p.add_argument("--out", default="perf/results")
     return p.parse_args()
@@ -387,7 +401,8 @@ def main() -> int:
                     kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     kernel_policy=args.kernel_policy, warm_up_kernels=not args.no_kernel_warm_up,
                     decode_run_ahead=not args.no_decode_ahead, block_size=args.block_size,
-                    gc_freeze=not args.no_gc_freeze, graph_max_data=args.graph_max_data)
+                    gc_freeze=not args.no_gc_freeze, graph_max_data=args.graph_max_data,
+                    graph_max_data_seqs=args.graph_max_data_seqs)
     device = config.torch_device()
     ceilings = measure_ceilings(device)
     print(f"ceilings: copy {ceilings.copy_bytes_per_s / 1e12:.2f} TB/s, bf16 matmul {ceilings.matmul_flops_per_s / 1e12:.0f} TFLOP/s", flush=True)

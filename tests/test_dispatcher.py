@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from livelm.daemon.cli import main as cli_main
+from livelm.daemon.engine.engine import _check_capturable
 from livelm.daemon.kernels import torch_backend, torch_ref
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.kernels.candidates import Candidate, Target
@@ -224,6 +225,23 @@ def test_a_correct_extra_candidate_passes_and_can_be_preferred() -> None:
     binding = resolve(Policy(prefer={"prefill_attention": ["test.*"]}), extra_candidates=(good,))
     assert binding.kernels.prefill_attention is same_as_reference
     assert "prefer list" in rows(binding, "prefill_attention")["test.same"].reason
+
+
+def test_the_binding_names_the_forward_kernels_a_graph_cannot_capture() -> None:
+    assert resolve().kernels.graph_unsafe == {"prefill_attention", "decode_attention"}
+    capturable = dataclasses.replace(attention("test.capturable", same_as_reference),
+                                     graph_safe=True)
+    binding = resolve(Policy(prefer={"prefill_attention": ["test.*"]}),
+                      extra_candidates=(capturable,))
+    assert binding.kernels.graph_unsafe == {"decode_attention"}
+    # sampling runs outside the graphs: a host-syncing sampler does not count
+    assert binding.chosen()["sample"].startswith("torch_ref.")
+
+
+def test_cuda_graphs_refuse_a_binding_they_cannot_capture() -> None:
+    with pytest.raises(ConfigError, match="decode_attention, prefill_attention.*cuda_graphs"):
+        _check_capturable(torch_ref.REFERENCE)
+    _check_capturable(dataclasses.replace(torch_ref.REFERENCE, graph_unsafe=frozenset()))
 
 
 def test_a_locked_wrong_candidate_fails_startup_with_a_typed_error() -> None:

@@ -107,3 +107,32 @@ def test_cuda_data_chunks_replayed_by_graphs_match_transformers(tmp_path: Path) 
     ref = hf_last_logits(folder, ids)
     assert ((logits - ref).norm() / ref.norm()).item() < 1e-4
     assert done.tokens == hf_greedy(folder, ids, 4)[: len(done.tokens)]
+
+
+def test_cuda_sessions_pushed_at_once_replay_a_packed_graph_as_on_the_cpu(tmp_path: Path) -> None:
+    """Pushes to several sessions at once (a feed of many symbols) ingest in steps that pack
+    their chunks back to back into one captured graph (``graph_max_data_seqs``); every
+    session then answers as on the CPU."""
+    folder = make_tiny_checkpoint(tmp_path / "model", "llama")
+    sizes = (2, 5, 1, 8, 3)
+
+    async def scenario(engine: Engine):
+        sids = [(await engine.init_session(InitRequest(prompt=PROMPT, template="raw"))).session_id
+                for _ in sizes]
+        for r in range(3):
+            await asyncio.gather(*(
+                engine.push(sid, [f"px {r} {i} {100 + 7 * i + k}" for i in range(n)])
+                for k, (sid, n) in enumerate(zip(sids, sizes, strict=True))
+            ))
+        handles = [engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=8))
+                   for sid in sids]
+        tokens = [done.tokens for done in await asyncio.gather(*(h.result() for h in handles))]
+        graphs = engine.worker.runner.graphs
+        return tokens, dict(graphs.packed_replays) if graphs is not None else {}
+
+    settings = {"max_batch_tokens": 512, "graph_max_data_seqs": 8}
+    on_gpu, packed = run_engine(loaded(folder, tmp_path, device="cuda"), scenario, **settings)
+    on_cpu, _ = run_engine(loaded(folder, tmp_path, device="cpu"), scenario, **settings)
+    assert packed, "no step packed several sessions' data into a graph"
+    assert on_gpu == on_cpu
+    assert all(len(tokens) > 0 for tokens in on_gpu)

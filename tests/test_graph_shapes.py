@@ -7,6 +7,8 @@ from livelm.daemon.engine.graphs import (
     DATA_BUCKETS,
     PREFILL_BUCKETS,
     data_sizes,
+    packed_sizes,
+    pick_packed,
     pick_shape,
     slower_than_larger,
 )
@@ -72,3 +74,22 @@ def test_sizes_within_the_margin_of_a_larger_one_are_kept() -> None:
     assert slower_than_larger({2048: 5.0}, 0.03) == []
     # a size beaten by a larger one two steps up, not by its neighbour
     assert slower_than_larger({256: 10.0, 288: 10.5, 320: 9.0}, 0.03) == [256, 288]
+
+
+def test_several_sessions_data_packs_into_the_fewest_rows_that_hold_it() -> None:
+    sizes = packed_sizes(1024)
+    assert sizes[0] == 16 and sizes[-1] == 1024 and sizes == sorted(sizes)
+    seqs = 9  # up to 8 sessions, and the padding rows' sequence
+    assert pick_packed([data(10), data(5)], seqs, sizes) == 16
+    assert pick_packed([data(300), data(100), data(17)], seqs, sizes) == 448
+    assert pick_packed([data(16)] * 8, seqs, sizes) == 128
+
+
+def test_packed_steps_take_only_several_sessions_data_within_the_limits() -> None:
+    sizes, seqs = packed_sizes(512), 9
+    assert pick_packed([data(10)], seqs, sizes) is None  # one chunk: the (1, L) graphs
+    assert pick_packed([data(16)] * 9, seqs, sizes) is None  # no sequence left for padding
+    assert pick_packed([data(400), data(200)], seqs, sizes) is None  # past the largest
+    assert pick_packed([data(10), question(5)], seqs, sizes) is None
+    assert pick_packed([data(10), question(5, score=True)], seqs, sizes) is None
+    assert pick_packed([data(10), data(5)], 0, []) is None  # off

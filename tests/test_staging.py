@@ -23,6 +23,7 @@ def staging() -> StepStaging:
         ids=np.full(ROWS, -1, np.int64), pos=np.full(ROWS, -1, np.int64),
         slots=np.full(ROWS, -1, np.int64), last=np.full(SEQS, -1, np.int64),
         ctx=np.full(SEQS, -1, np.int32), tables=np.full((SEQS, WIDTH), -1, np.int32),
+        starts=np.full(SEQS + 1, -1, np.int32),
     )
     return StepStaging(arrays, BS)
 
@@ -104,3 +105,33 @@ def test_a_cached_table_is_restaged_after_every_change() -> None:
     s.block_table = list(other.block_table)  # a table assigned anew, not through the manager
     step(other, s)
     assert staged_row(1, s) == other.block_table
+
+
+def test_sessions_data_packed_back_to_back_then_a_padding_sequence() -> None:
+    m, st = kv(), staging()
+    a_, b_ = session(m, 6), session(m, 3)
+    for s, new in ((a_, 5), (b_, 2)):
+        s.tokens += list(range(200, 200 + new))
+        m.prepare_write(s, s.num_computed, s.num_computed + new)
+    width = st.fill_packed([Chunk(a_, 6, 5, False), Chunk(b_, 3, 2, False)], seqs=4, rows=12)
+    a = st.a
+    assert a.starts.tolist() == [0, 5, 7, 12, 12]  # two chunks, the padding one, one empty
+    assert a.ids[:7].tolist() == [200, 201, 202, 203, 204, 200, 201]
+    assert a.pos[:12].tolist() == [6, 7, 8, 9, 10, 3, 4, 0, 1, 2, 3, 4]
+    assert a.ctx.tolist() == [11, 5, 5, 0]
+    ta, tb = a_.block_table, b_.block_table
+    assert a.slots[:7].tolist() == ([ta[p // BS] * BS + p % BS for p in range(6, 11)]
+                                    + [tb[p // BS] * BS + p % BS for p in (3, 4)])
+    assert set(a.slots[7:12].tolist()) == {SCRATCH_BLOCK * BS}  # padding rows write scratch
+    assert a.tables[0, : len(ta)].tolist() == ta and a.tables[1, : len(tb)].tolist() == tb
+    assert a.tables[2, :2].tolist() == [SCRATCH_BLOCK] * 2  # 5 padding rows over 4-token blocks
+    assert width == max(len(ta), len(tb), 2)
+
+
+def test_a_full_packed_step_leaves_the_padding_sequence_empty() -> None:
+    m, st = kv(), staging()
+    s = session(m, 4)
+    s.tokens += [9, 9, 9]
+    m.prepare_write(s, 4, 7)
+    st.fill_packed([Chunk(s, 4, 3, False)], seqs=2, rows=3)
+    assert st.a.starts[:3].tolist() == [0, 3, 3] and st.a.ctx[:2].tolist() == [7, 0]

@@ -252,6 +252,22 @@ def test_prefill_needs_only_the_batch_shape_from_the_host() -> None:
     assert _rel(ours, ref) < 1e-4
 
 
+@pytest.mark.parametrize("plan", ["one-long", "even"])
+def test_prefill_serves_any_partition_of_its_rows(plan: str) -> None:
+    """A data graph of several sessions is captured for N rows over B sequences and replayed
+    with the rows cut among fewer real sequences, then the padding rows' own sequence, then
+    empty ones: only the device's query_starts may say which rows belong where."""
+    q_lens, ctx_lens = [15, 6, 30, 9, 0, 0], [15, 100, 60, 9, 0, 0]  # the last real one: padding
+    q, kc, vc, meta = _paged_batch(q_lens, ctx_lens, 8, 2, 64, 16, torch.float32)
+    n, b = q.shape[0], len(q_lens)
+    starts = [0] + [n] * b if plan == "one-long" else [min(n, i * -(-n // b)) for i in range(b + 1)]
+    captured = AttentionMeta(meta.slot_mapping, meta.query_starts, meta.context_lens,
+                             meta.block_tables, starts, [4096] * b, False)
+    ours = K.paged_prefill.paged_prefill_attention(q, kc, vc, captured, 0.125, None)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 0.125, None)
+    assert _rel(ours, ref) < 1e-4
+
+
 def test_decode_splits_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     pd, cuda = K.paged_decode, torch.device("cuda")
     monkeypatch.setattr(pd, "sm_count", lambda device: 132)

@@ -41,8 +41,10 @@ from livelm.daemon.engine.sequence import QueryState
 from livelm.daemon.engine.sessions import Session, SlotAllocator, new_session_id
 from livelm.daemon.engine.warmup import warm_up
 from livelm.daemon.engine.worker import CancelQuery, StartQuery, StepReport, Worker
+from livelm.daemon.kernels.ops import Kernels
 from livelm.native.ring import Ring
 from livelm.protocol.errors import (
+    ConfigError,
     InternalError,
     InvalidRequest,
     Overloaded,
@@ -98,9 +100,11 @@ class Engine:
             warm_up(decoder, cache, config.max_batch_tokens, self.max_context)
         graphs = None
         if config.cuda_graphs and decoder.device.type == "cuda":
+            _check_capturable(decoder.kernels)
             graphs = StepGraphs(
                 decoder, cache, self.max_context, config.graph_max_batch,
                 config.graph_max_question, min(config.graph_max_data, config.max_batch_tokens),
+                config.graph_max_data_seqs,
             )
             graphs.capture()
             _drop_slow_data_graphs(graphs)
@@ -577,4 +581,16 @@ def _drop_slow_data_graphs(graphs: StepGraphs) -> None:
             extra={"kept": graphs.data_sizes,
                    "dropped": [n for n in times if n not in graphs.data_sizes],
                    "ms": {n: round(ms, 2) for n, ms in times.items()}},
+        )
+
+
+def _check_capturable(kernels: Kernels) -> None:
+    """CUDA graphs replay every step's forward pass with the shapes and host values of their
+    capture: a bound kernel that reads the batch's host-side lists would replay stale ones."""
+    if kernels.graph_unsafe:
+        raise ConfigError(
+            f"cuda_graphs: true needs every forward kernel to be capturable, but "
+            f"{', '.join(sorted(kernels.graph_unsafe))} is bound to a kernel that reads host-side "
+            "batch lists; let the kernel policy allow a capturable one (the Triton kernels are) "
+            "or set cuda_graphs: false"
         )

@@ -37,6 +37,7 @@ DATA_BUCKETS = (192, 224, 256, 288, 320, 352, 384, 416, 448, 480, 512, 576, 640,
                 3072, 3584, 4096)
 # a larger data graph must replay at least this much faster to take a smaller one's chunks
 SLOWER_MARGIN = 0.03
+PACKED_MIN_ROWS = 16  # the smallest packed step: two sessions' records of a few tokens each
 
 Shape = tuple[int, int]  # (sequences, rows per sequence)
 Variant = tuple[Shape, bool]  # a shape, and whether the graph computes logits
@@ -45,14 +46,18 @@ Variant = tuple[Shape, bool]  # a shape, and whether the graph computes logits
 class StepGraphs:
     def __init__(
         self, decoder: LlamaDecoder, cache: KVCache, max_context: int, max_batch: int,
-        max_question: int, max_data: int = 0,
+        max_question: int, max_data: int = 0, max_data_seqs: int = 0,
     ) -> None:
         self.decoder, self.cache, self.max_context = decoder, cache, max_context
         self.decode_sizes = [b for b in DECODE_BUCKETS if b <= max_batch] or [1]
         self.prefill_sizes = [n for n in PREFILL_BUCKETS if n <= max_question]
         longest = max(self.prefill_sizes, default=0)
         self.data_sizes = data_sizes(longest, max_data)
-        seqs = self.decode_sizes[-1]
+        # several sessions' data packed into one step: up to max_data_seqs sessions, plus the
+        # sequence that holds the padding rows
+        self.packed_seqs = max_data_seqs + 1 if max_data_seqs > 0 else 0
+        self.packed_sizes = packed_sizes(max_data) if max_data_seqs > 0 else []
+        seqs = max(self.decode_sizes[-1], self.packed_seqs)
         rows = max(seqs, longest, max(self.data_sizes, default=1))
         self.width = padded_width(-(-(max_context + rows) // cache.block_size) + 1)
         dev = decoder.device
@@ -62,12 +67,14 @@ class StepGraphs:
             **_int64_views(self._rows_i64, rows),
             "ctx": torch.ones(seqs, dtype=torch.int32, device=dev),
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32, device=dev),
+            "starts": torch.zeros(seqs + 1, dtype=torch.int32, device=dev),
         }
         self._host_i64 = torch.zeros_like(self._rows_i64, device="cpu").pin_memory()
         self._host = {
             **_int64_views(self._host_i64, rows),
             "ctx": torch.ones(seqs, dtype=torch.int32).pin_memory(),
             "tables": torch.zeros(seqs, self.width, dtype=torch.int32).pin_memory(),
+            "starts": torch.zeros(seqs + 1, dtype=torch.int32).pin_memory(),
         }
         self._packed_host = torch.zeros(seqs * self.width, dtype=torch.int32).pin_memory()
         self._packed_dev = torch.zeros(seqs * self.width, dtype=torch.int32, device=dev)
@@ -77,9 +84,11 @@ class StepGraphs:
         # the staging buffers may be refilled only once the last step's copies have read them
         self._copied = torch.cuda.Event()
         self._graphs: dict[Variant, torch.cuda.CUDAGraph] = {}
-        # replays by variant, and in all (one int: the metrics read it from the event loop's
-        # thread while the worker may add a variant to the counter)
+        self._packed: dict[int, torch.cuda.CUDAGraph] = {}  # by rows
+        # replays by variant (packed steps by rows), and in all (one int: the metrics read it
+        # from the event loop's thread while the worker may add a variant to the counter)
         self.replays: collections.Counter[Variant] = collections.Counter()
+        self.packed_replays: collections.Counter[int] = collections.Counter()
         self.replayed = 0
         self._logits: dict[Shape, torch.Tensor] = {}  # the output of each shape's logits graph
 
@@ -100,15 +109,16 @@ class StepGraphs:
             raise ConfigError(
                 f"out of device memory capturing the CUDA graphs at start-up (up to "
                 f"{self.decode_sizes[-1]} decode rows, {max(self.data_sizes, default=0)} data "
-                "tokens); lower kv_memory_fraction (or kv_cache_tokens), graph_max_batch or "
-                f"graph_max_data, or set cuda_graphs: false: {exc}"
+                "tokens); lower kv_memory_fraction (or kv_cache_tokens), graph_max_batch, "
+                f"graph_max_data or graph_max_data_seqs, or set cuda_graphs: false: {exc}"
             ) from exc
 
     def _capture(self, progress: bool) -> None:
         pool = None
         # largest first, so the smaller graphs fit in the memory pool the first one sized
         variants = sorted(self.variants, key=lambda v: v[0][0] * v[0][1], reverse=True)
-        with torch.inference_mode(), Progress(len(variants), "capturing CUDA graphs", enabled=progress) as bar:
+        total = len(variants) + len(self.packed_sizes)
+        with torch.inference_mode(), Progress(total, "capturing CUDA graphs", enabled=progress) as bar:
             for shape, with_logits in variants:
                 with _launch_mode(shape):
                     self._forward(*shape, with_logits)  # compiles and warms every kernel first
@@ -121,6 +131,21 @@ class StepGraphs:
                 if logits is not None:
                     self._logits[shape] = logits
                 bar.update(1)
+            for rows in sorted(self.packed_sizes, reverse=True):
+                self._packed[rows] = self._capture_packed(rows, pool)
+                pool = self._packed[rows].pool()
+                bar.update(1)
+
+    def _capture_packed(self, rows: int, pool: object) -> torch.cuda.CUDAGraph:
+        # a valid partition to capture over: every row in the first sequence, the rest empty
+        self._dev["starts"][1:].fill_(rows)
+        with _launch_mode((self.packed_seqs, rows)):
+            self._forward_packed(rows)
+            torch.cuda.synchronize(self.decoder.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self._forward_packed(rows)
+        return graph
 
     def drop_slow_data_sizes(self, repeats: int = 3) -> dict[int, float]:
         """Times each data-only graph past the question sizes (ms per replay) and drops those a
@@ -141,7 +166,25 @@ class StepGraphs:
         for n in slower_than_larger(times, SLOWER_MARGIN):
             del self._graphs[((1, n), False)]
             self.data_sizes.remove(n)
+            if n in self._packed:  # the same GEMM shapes: packed steps skip the size too
+                del self._packed[n]
+                self.packed_sizes.remove(n)
         return times
+
+    def packed_for(self, chunks: list[Chunk]) -> int | None:
+        """The rows of the packed graph that can run this step of several sessions' data."""
+        return pick_packed(chunks, self.packed_seqs, self.packed_sizes)
+
+    def run_packed(self, chunks: list[Chunk], rows: int) -> None:
+        """The step of several sessions' data, packed into ``rows`` rows, for its KV writes."""
+        self._copied.synchronize()
+        width = self._staging.fill_packed(chunks, self.packed_seqs, rows)
+        self._upload(self.packed_seqs, width, None)
+        self._dev["starts"].copy_(self._host["starts"], non_blocking=True)
+        self._copied.record()
+        self._packed[rows].replay()
+        self.packed_replays[rows] += 1
+        self.replayed += 1
 
     def shape_for(self, chunks: list[Chunk]) -> Shape | None:
         """The captured shape that can run this step, if any: a batch of decode tokens, one
@@ -166,16 +209,19 @@ class StepGraphs:
     ) -> None:
         self._copied.synchronize()
         width = self._staging.fill(chunks, *shape)
-        seqs = shape[0]
-        self._rows_i64.copy_(self._host_i64, non_blocking=True)
-        if feed is not None:
-            self._dev["ids"][: len(chunks)].copy_(feed)
-        self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
-        self._copy_tables(seqs, width)
+        self._upload(shape[0], width, feed)
         self._copied.record()
         self._graphs[(shape, with_logits)].replay()
         self.replays[(shape, with_logits)] += 1
         self.replayed += 1
+
+    def _upload(self, seqs: int, width: int, feed: torch.Tensor | None) -> None:
+        """The staged rows, contexts and tables to the graphs' device buffers."""
+        self._rows_i64.copy_(self._host_i64, non_blocking=True)
+        if feed is not None:
+            self._dev["ids"][: feed.shape[0]].copy_(feed)
+        self._dev["ctx"][:seqs].copy_(self._host["ctx"][:seqs], non_blocking=True)
+        self._copy_tables(seqs, width)
 
     def _copy_tables(self, seqs: int, width: int) -> None:
         """The staged block tables' first ``width`` columns to the device. Several rows cut
@@ -209,6 +255,23 @@ class StepGraphs:
         return self.decoder.logits(hidden.index_select(0, d["last"][:seqs])).float()
 
 
+    def _forward_packed(self, rows: int) -> None:
+        """A step of ``rows`` rows over ``packed_seqs`` sequences whose partition is read from
+        the device (``starts``); planned as one long sequence, which sizes the attention's grid
+        for any partition (its kernel finds each program's sequence on the device)."""
+        d, seqs = self._dev, self.packed_seqs
+        meta = AttentionMeta(
+            slot_mapping=d["slots"][:rows],
+            query_starts=d["starts"][: seqs + 1],
+            context_lens=d["ctx"][:seqs],
+            block_tables=d["tables"][:seqs],
+            query_starts_list=[0] + [rows] * seqs,
+            context_lens_list=[self.max_context] * seqs,
+            decode_only=False,
+        )
+        self.decoder(d["ids"][:rows], d["pos"][:rows], meta, self.cache.layers)
+
+
 def data_sizes(longest_question: int, max_data: int) -> list[int]:
     """The data-only graph sizes past the question graphs' longest, up to ``max_data``."""
     return [n for n in DATA_BUCKETS if longest_question < n <= max_data]
@@ -222,6 +285,22 @@ def slower_than_larger(ms_by_size: dict[int, float], margin: float) -> list[int]
             slower.append(n)
         best = min(best, ms_by_size[n])
     return sorted(slower)
+
+
+def packed_sizes(max_data: int) -> list[int]:
+    """Row counts of the packed graphs (several sessions' data in one step), up to max_data."""
+    return [n for n in PREFILL_BUCKETS + DATA_BUCKETS if PACKED_MIN_ROWS <= n <= max_data]
+
+
+def pick_packed(chunks: list[Chunk], packed_seqs: int, sizes: list[int]) -> int | None:
+    """The fewest packed rows that hold a step of two or more sessions' data chunks, with a
+    sequence to spare for the padding rows; None for anything else."""
+    if len(chunks) < 2 or len(chunks) >= packed_seqs:
+        return None
+    if any(ch.sample or ch.score for ch in chunks):
+        return None
+    total = sum(ch.length for ch in chunks)
+    return next((n for n in sizes if n >= total), None)
 
 
 def pick_shape(

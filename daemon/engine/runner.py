@@ -79,6 +79,11 @@ class ModelRunner:
             self.graphs.run_without_logits(chunks, shape)
             torch.cuda.synchronize(self.device)  # progress is reported for finished work only
             return StepOutput([], None)
+        packed = None if eager or shape is not None else self.graphs.packed_for(chunks)
+        if packed is not None:  # several sessions' data
+            self.graphs.run_packed(chunks, packed)
+            torch.cuda.synchronize(self.device)
+            return StepOutput([], None)
         if shape is not None:
             last_rows = self.graphs.run(chunks, shape)  # logits of every chunk's last token
             logits = (

@@ -22,7 +22,8 @@ from livelm.daemon.engine.sequence import Sequence
 @dataclass
 class StagingArrays:
     """Views of the pinned host buffers: ids, pos and slots [rows]; last [seqs] (each sequence's
-    last real row); ctx [seqs] (its context after the step); tables [seqs, width]."""
+    last real row); ctx [seqs] (its context after the step); tables [seqs, width]; starts
+    [seqs + 1] (each sequence's first row, for steps that pack sequences of any length)."""
 
     ids: np.ndarray
     pos: np.ndarray
@@ -30,6 +31,7 @@ class StagingArrays:
     last: np.ndarray
     ctx: np.ndarray
     tables: np.ndarray
+    starts: np.ndarray
 
 
 class StepStaging:
@@ -65,6 +67,37 @@ class StepStaging:
             a.tables[b, : -(-per_seq // bs)] = SCRATCH_BLOCK
             self._held[b] = None
         return width
+
+    def fill_packed(self, chunks: list[Chunk], seqs: int, rows: int) -> int:
+        """Stages ``chunks`` packed back to back into ``rows`` rows over ``seqs`` sequences:
+        the chunks first, then one padding sequence holding the rows left (in the scratch
+        block, at positions from 0), then empty sequences. Needs len(chunks) < seqs and their
+        tokens <= rows. Returns the table width to copy."""
+        a, bs = self.a, self.block_size
+        a.slots[:rows] = SCRATCH_BLOCK * bs
+        a.ids[:rows] = 0
+        row, width = 0, 1
+        for b, ch in enumerate(chunks):
+            end = row + ch.length
+            span = range(ch.start, ch.start + ch.length)
+            table = ch.seq.block_table
+            a.starts[b] = row
+            a.ids[row:end] = ch.seq.token_slice(ch.start, ch.length)
+            a.pos[row:end] = span
+            a.slots[row:end] = [table[p // bs] * bs + p % bs for p in span]
+            a.ctx[b] = ch.start + ch.length
+            self._stage_table(b, ch.seq)
+            width = max(width, len(table))
+            row = end
+        pad, b = rows - row, len(chunks)
+        a.starts[b] = row
+        a.pos[row:rows] = range(pad)
+        a.ctx[b] = pad
+        a.tables[b, : max(1, -(-pad // bs))] = SCRATCH_BLOCK
+        self._held[b] = None
+        a.starts[b + 1 : seqs + 1] = rows
+        a.ctx[b + 1 : seqs] = 0
+        return max(width, -(-pad // bs))
 
     def _stage_table(self, slot: int, seq: Sequence) -> None:
         held, table = self._held[slot], seq.block_table

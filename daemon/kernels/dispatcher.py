@@ -28,7 +28,7 @@ import torch
 from livelm.daemon.kernels import torch_backend
 from livelm.daemon.kernels.candidates import BackendUnavailable, Candidate, Target
 from livelm.daemon.kernels.checking import Case, build_cases, check, run_case
-from livelm.daemon.kernels.ops import OPERATIONS, Kernels
+from livelm.daemon.kernels.ops import FORWARD_OPERATIONS, OPERATIONS, Kernels
 from livelm.daemon.kernels.policy import Policy
 from livelm.daemon.kernels.tuning import (
     Timer,
@@ -173,7 +173,9 @@ def resolve_kernels(
         _tune(rows, target, options)
         _enforce_locks(rows, policy, unavailable)
     chosen = {op: _choose(op, rows, target, policy, unavailable) for op in OPERATIONS}
-    kernels = Kernels(**{op: row.candidate.fn for op, row in chosen.items()})
+    unsafe = frozenset(op for op, row in chosen.items()
+                       if op in FORWARD_OPERATIONS and not row.candidate.graph_safe)
+    kernels = Kernels(**{op: row.candidate.fn for op, row in chosen.items()}, graph_unsafe=unsafe)
     binding = Binding(kernels, _table(rows, unavailable), target)
     log_binding(binding)
     return binding

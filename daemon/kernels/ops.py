@@ -26,6 +26,9 @@ OPERATIONS = (
     "sample",
     "copy_kv_blocks",
 )
+# what a step's forward pass runs, and so what a CUDA graph of the step captures (sampling and
+# block copies run outside the graphs)
+FORWARD_OPERATIONS = OPERATIONS[: OPERATIONS.index("sample")]
 
 
 class RmsNorm(Protocol):
@@ -139,3 +142,5 @@ class Kernels:
     decode_attention: PagedAttention
     sample: Sample
     copy_kv_blocks: CopyKVBlocks
+    # bound forward operations that a CUDA graph cannot capture (they read host-side lists)
+    graph_unsafe: frozenset[str] = frozenset()

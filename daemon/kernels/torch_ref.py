@@ -162,4 +162,5 @@ REFERENCE = Kernels(
     decode_attention=paged_attention,
     sample=sample,
     copy_kv_blocks=copy_kv_blocks,
+    graph_unsafe=frozenset({"prefill_attention", "decode_attention"}),
 )
