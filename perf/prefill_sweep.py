@@ -9,6 +9,7 @@ choose `_tiles` and the split count from data: a short question over a long cont
 --seqs N: N sequences alike (many sessions asking at once); --tma: the TMA candidate over
 64-token pages (it loads by TMA in unsplit launches only, with BLOCK_N = the page).
 --ab-lazy: no sweep; the kernel's own plan with deferred rescaling forced on and off, alternated.
+--ab-order: likewise with the query tiles walked last first (``LONGEST_FIRST``) and in order.
 
     python perf/prefill_sweep.py --ab-lazy --contexts 19000,34000 --q 32,51
 """
@@ -45,6 +46,8 @@ def main() -> int:
     p.add_argument("--tma", action="store_true", help="the TMA candidate, 64-token pages")
     p.add_argument("--ab-lazy", action="store_true",
                    help="only the plan's tiles, with deferred rescaling on and off")
+    p.add_argument("--ab-order", action="store_true",
+                   help="only the plan's tiles, walking the query tiles last first and in order")
     p.add_argument("--splits", default="", help="only these split counts (0: the plan's)")
     p.add_argument("--tma-splits", action="store_true",
                    help="with --tma: split launches load by TMA too")
@@ -61,7 +64,7 @@ def main() -> int:
     paged_prefill.TMA_IN_SPLITS = args.tma_splits
     if args.tiles:
         tiles_grid = [tuple(int(v) for v in t.split("/")) for t in args.tiles.split(",")]
-    if args.ab_lazy:
+    if args.ab_lazy or args.ab_order:
         tiles_grid = []
     shapes = [(int(c), int(q)) for c in args.contexts.split(",") for q in args.q.split(",")]
     for ctx, q_len in shapes:
@@ -77,6 +80,9 @@ def main() -> int:
         floor_us = max(kv_us, flop_us)
         if args.ab_lazy:
             rows.extend(_ab_lazy(attend, ctx, q_len, args.seqs, floor_us))
+            continue
+        if args.ab_order:
+            rows.extend(_ab_order(attend, ctx, q_len, args.seqs, floor_us))
             continue
         best = None
         for tiles in tiles_grid:
@@ -125,6 +131,24 @@ def _ab_lazy(attend, ctx: int, q_len: int, seqs: int, floor_us: float) -> list[d
           f"({off / on:.3f}x); floor {floor_us:.1f} us", flush=True)
     return [{"context": ctx, "q": q_len, "seqs": seqs, "lazy": lazy, "us": min(times[lazy])}
             for lazy in (True, False)]
+
+
+def _ab_order(attend, ctx: int, q_len: int, seqs: int, floor_us: float) -> list[dict]:
+    """The plan's launch walking its query tiles last first (``LONGEST_FIRST``) and in order,
+    alternated twice (drift-fair)."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    saved = paged_prefill.LONGEST_FIRST
+    try:
+        for reverse in (True, False, False, True):
+            paged_prefill.LONGEST_FIRST = reverse
+            times[reverse].append(1e3 * graph_ms(lambda: attend(None)))
+    finally:
+        paged_prefill.LONGEST_FIRST = saved
+    last, first = min(times[True]), min(times[False])
+    print(f"ctx {ctx} q {q_len} x{seqs}: longest tiles first {last:.1f} us, in order "
+          f"{first:.1f} us ({first / last:.3f}x); floor {floor_us:.1f} us", flush=True)
+    return [{"context": ctx, "q": q_len, "seqs": seqs, "longest_first": r, "us": min(times[r])}
+            for r in (True, False)]
 
 
 if __name__ == "__main__":

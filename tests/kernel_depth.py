@@ -61,7 +61,7 @@ def question_prefill(carry: bool) -> list[int]:
     """The split launch a 32-token question over a long context gets (GQA group 4)."""
     block_m, block_n, warps, stages, _ = paged_prefill._split_tiles(128, torch.bfloat16, 32 * 4)
     constants = dict(COMMON, GROUP=4, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_Q=block_m // 4,
-                     LAZY=False, CARRY=carry)
+                     LAZY=False, CARRY=carry, REVERSE=False)
     return waits(paged_prefill._prefill_kernel, constants, warps, stages)
 
 

@@ -252,6 +252,15 @@ def test_prefill_needs_only_the_batch_shape_from_the_host() -> None:
     assert _rel(ours, ref) < 1e-4
 
 
+@pytest.mark.parametrize("splits", [None, 3])
+def test_prefill_walking_the_longest_tiles_first_matches_the_reference(
+    splits: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(K.paged_prefill, "LONGEST_FIRST", True)
+    _matches_reference(K.paged_prefill.paged_prefill_attention, [150, 2, 40], [160, 50, 300],
+                       (8, 2, 64, 16, None, splits), torch.float32)
+
+
 @pytest.mark.parametrize("plan", ["one-long", "even"])
 def test_prefill_serves_any_partition_of_its_rows(plan: str) -> None:
     """A data graph of several sessions is captured for N rows over B sequences and replayed

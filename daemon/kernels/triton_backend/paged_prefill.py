@@ -50,6 +50,10 @@ CARRY_PAGES = True  # look up a key tile's pages one iteration ahead (``_attend_
 # thin last wave (1105 queries over 8k keys: 560 programs, 264 resident on an H200) gained only
 # 5% split in two by TMA (376 against 396 us; by pointer 508), so long chunks stay unsplit
 TMA_IN_SPLITS = False
+# walk the query tiles last first: under a causal mask a chunk's later tiles see the most keys,
+# and launched last they leave a ragged final wave (longest-processing-time-first order).
+# Off until timed on the GPU (``prefill_sweep.py --ab-order``)
+LONGEST_FIRST = False
 
 
 @triton.jit
@@ -174,10 +178,12 @@ def _prefill_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_Q: tl.constexpr,
     SPLIT: tl.constexpr, HAS_WINDOW: tl.constexpr, UPCAST: tl.constexpr,
     PRECISION: tl.constexpr, USE_PDL: tl.constexpr, TMA: tl.constexpr, LAZY: tl.constexpr,
-    CARRY: tl.constexpr,
+    CARRY: tl.constexpr, REVERSE: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     tile = tl.program_id(0)
+    if REVERSE:
+        tile = tl.num_programs(0) - 1 - tile
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     num_splits = tl.num_programs(2)
@@ -390,7 +396,7 @@ def _attend(
         BLOCK_M=plan["block_m"], BLOCK_N=plan["block_n"], BLOCK_Q=plan["block_q"],
         SPLIT=splits > 1, HAS_WINDOW=sliding_window is not None, **dot_flags(q.dtype),
         num_warps=plan["warps"], num_stages=plan["stages"], TMA=use_tma,
-        LAZY=_defers_rescale(plan["block_m"], use_tma), CARRY=CARRY_PAGES,
+        LAZY=_defers_rescale(plan["block_m"], use_tma), CARRY=CARRY_PAGES, REVERSE=LONGEST_FIRST,
         **pdl.launch_args(q.device),
     )
     if splits > 1:
