@@ -589,8 +589,8 @@ def _check_capturable(kernels: Kernels) -> None:
     capture: a bound kernel that reads the batch's host-side lists would replay stale ones."""
     if kernels.graph_unsafe:
         raise ConfigError(
-            f"cuda_graphs: true needs every forward kernel to be capturable, but "
-            f"{', '.join(sorted(kernels.graph_unsafe))} is bound to a kernel that reads host-side "
-            "batch lists; let the kernel policy allow a capturable one (the Triton kernels are) "
-            "or set cuda_graphs: false"
+            f"cuda_graphs: true needs every forward kernel to be capturable, but the kernels "
+            f"bound for {', '.join(sorted(kernels.graph_unsafe))} read host-side batch lists; "
+            "let the kernel policy allow capturable ones (the Triton kernels are) or set "
+            "cuda_graphs: false"
         )

@@ -58,7 +58,7 @@ class StepGraphs:
         self.packed_seqs = max_data_seqs + 1 if max_data_seqs > 0 else 0
         self.packed_sizes = packed_sizes(max_data) if max_data_seqs > 0 else []
         seqs = max(self.decode_sizes[-1], self.packed_seqs)
-        rows = max(seqs, longest, max(self.data_sizes, default=1))
+        rows = max(seqs, longest, *self.data_sizes, *self.packed_sizes)
         self.width = padded_width(-(-(max_context + rows) // cache.block_size) + 1)
         dev = decoder.device
         # ids, positions, slots and last rows share one int64 buffer, so they take one copy
