@@ -44,7 +44,7 @@
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
 # stream bench with its baselines, alone. packed: the packed data graphs' GPU tests, the
 # fan-out push bench (64 sessions at 4k) with them and without, the prefill's tile order A/B
-# (longest first), the stream bench with them.
+# (longest first).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -278,8 +278,6 @@ if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs: checke
     done
     step tile_order 120 python3 perf/prefill_sweep.py --ab-order --tma \
         --contexts 7100,8205,19000,32000 --q 4096,1105 --out "$SCRATCH/tile_order.json"
-    step stream_packed 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
-        --repeats 8 --push-samples 100 --graph-max-data-seqs 64 --out "$SCRATCH/stream_packed"
     echo done
     exit 0
 fi
