@@ -44,7 +44,7 @@
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
 # stream bench with its baselines, alone. packed: the packed data graphs' GPU tests, the
 # fan-out push bench (64 sessions at 4k) with them and without, the prefill's tile order A/B
-# (longest first).
+# (longest first), the stream bench with them (without baselines).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -270,14 +270,16 @@ if [ "$MODE" = gemmsweep ]; then  # cuBLAS's pick by row count, over the data bu
     exit 0
 fi
 if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs: checked, then A/B'd
-    step gpu_tests 200 python3 -m pytest -q tests/test_gpu_exactness.py \
+    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py \
         tests/test_triton_kernels.py -k "packed or partition or longest or data_chunks or concurrent"
     for seqs in 64 0; do
-        step "fanout_$seqs" 150 python3 perf/fanout_bench.py --sessions 64 --context 4096 \
-            --rounds 50 --graph-max-data-seqs "$seqs" --out "$SCRATCH/fanout_$seqs"
+        step "fanout_$seqs" 120 python3 perf/fanout_bench.py --sessions 64 --context 4096 \
+            --rounds 30 --graph-max-data-seqs "$seqs" --out "$SCRATCH/fanout_$seqs"
     done
-    step tile_order 120 python3 perf/prefill_sweep.py --ab-order --tma \
+    step tile_order 90 python3 perf/prefill_sweep.py --ab-order --tma \
         --contexts 7100,8205,19000,32000 --q 4096,1105 --out "$SCRATCH/tile_order.json"
+    step stream_packed 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+        --repeats 8 --push-samples 100 --graph-max-data-seqs 64 --out "$SCRATCH/stream_packed"
     echo done
     exit 0
 fi
