@@ -43,8 +43,9 @@
 # long-chunk attention split over keys to balance its waves (by TMA and by pointer), then the
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
 # stream bench with its baselines, alone. packed: the packed data graphs' GPU tests, the
-# fan-out push bench (16 sessions at 4k: a round's records fit one 1024-row graph) with them and without, the prefill's tile order A/B
-# (longest first), the stream bench with them (without baselines).
+# fan-out push bench (16 sessions at 4k: a round's records fit one 1024-row graph) with them
+# and without, the prefill's tile order A/B (longest first), the stream bench with them
+# (without baselines).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
