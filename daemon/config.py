@@ -76,7 +76,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # that the GPU is the bound, and padding to a bucket would only add work
     graph_max_data: int = 1024
     # the most sessions whose data one captured step may hold (a feed pushing to many sessions
-    # at once); 0 = none: such steps run eagerly
+    # at once); 0 = none: such steps run eagerly. Off by default: at 16 sessions x 1 record
+    # (808 tokens) the H200 replay was slower in the median, faster in the tail (ARCHITECTURE.md)
     graph_max_data_seqs: int = 0
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
     max_flash_queries: int = 16  # flash queries per session

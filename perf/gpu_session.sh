@@ -43,9 +43,9 @@
 # long-chunk attention split over keys to balance its waves (by TMA and by pointer), then the
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
 # stream bench with its baselines, alone. packed: the packed data graphs' GPU tests, the
-# fan-out push bench (16 sessions at 4k: a round's records fit one 1024-row graph) with them
-# and without, the prefill's tile order A/B (longest first), the stream bench with them
-# (without baselines).
+# fan-out push bench (4 and 8 sessions at 4k, FANOUT_SESSIONS; 16 measured on 2026-12-07)
+# with them and without, the prefill's tile order A/B (longest first), the stream bench with
+# them (without baselines).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -273,9 +273,12 @@ fi
 if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs: checked, then A/B'd
     step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py \
         tests/test_triton_kernels.py -k "packed or partition or longest or data_chunks or concurrent"
-    for seqs in 64 0; do
-        step "fanout_$seqs" 120 python3 perf/fanout_bench.py --sessions 16 --context 4096 \
-            --rounds 30 --graph-max-data-seqs "$seqs" --out "$SCRATCH/fanout_$seqs"
+    for sessions in ${FANOUT_SESSIONS:-4 8}; do
+        for seqs in 64 0; do
+            step "fanout_${sessions}_$seqs" 120 python3 perf/fanout_bench.py --sessions \
+                "$sessions" --context 4096 --rounds 30 --graph-max-data-seqs "$seqs" \
+                --out "$SCRATCH/fanout_${sessions}_$seqs"
+        done
     done
     step tile_order 90 python3 perf/prefill_sweep.py --ab-order --tma \
         --contexts 7100,8205,19000,32000 --q 4096,1105 --out "$SCRATCH/tile_order.json"
