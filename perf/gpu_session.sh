@@ -42,10 +42,8 @@
 # the fill and the stream bench with a step budget of 8192 tokens against 4096. waves: the
 # long-chunk attention split over keys to balance its waves (by TMA and by pointer), then the
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
-# stream bench with its baselines, alone. packed: the packed data graphs' GPU tests, the
-# fan-out push bench (4 and 8 sessions at 4k, FANOUT_SESSIONS; 16 measured on 2026-12-07)
-# with them and without, the prefill's tile order A/B (longest first), the stream bench with
-# them (without baselines).
+# stream bench with its baselines, alone. packed: the fan-out push bench (4 and 8 sessions
+# at 4k, FANOUT_SESSIONS; 16 measured on 2026-12-07) with the packed data graphs and without.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -270,9 +268,7 @@ if [ "$MODE" = gemmsweep ]; then  # cuBLAS's pick by row count, over the data bu
     echo done
     exit 0
 fi
-if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs: checked, then A/B'd
-    step gpu_tests 150 python3 -m pytest -q tests/test_gpu_exactness.py \
-        tests/test_triton_kernels.py -k "packed or partition or longest or data_chunks or concurrent"
+if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs, A/B'd at few sessions
     for sessions in ${FANOUT_SESSIONS:-4 8}; do
         for seqs in 64 0; do
             step "fanout_${sessions}_$seqs" 120 python3 perf/fanout_bench.py --sessions \
@@ -280,10 +276,6 @@ if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs: checke
                 --out "$SCRATCH/fanout_${sessions}_$seqs"
         done
     done
-    step tile_order 90 python3 perf/prefill_sweep.py --ab-order --tma \
-        --contexts 7100,8205,19000,32000 --q 4096,1105 --out "$SCRATCH/tile_order.json"
-    step stream_packed 170 python3 perf/stream_bench.py --skip-hf --skip-stateless \
-        --repeats 8 --push-samples 100 --graph-max-data-seqs 64 --out "$SCRATCH/stream_packed"
     echo done
     exit 0
 fi
