@@ -44,6 +44,8 @@
 # fill with the GPU's clocks, power and throttle reasons sampled every 20 ms. record: the
 # stream bench with its baselines, alone. packed: the fan-out push bench (4 and 8 sessions
 # at 4k, FANOUT_SESSIONS; 16 measured on 2026-12-07) with the packed data graphs and without.
+# gluon: the Gluon prefill attention's tests, its A/B against the Triton kernel at the bench's
+# shapes (GLUON_CONFIGS), and the stream bench without baselines bound to it and as usual.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -275,6 +277,18 @@ if [ "$MODE" = packed ]; then  # several sessions' data in packed graphs, A/B'd 
                 "$sessions" --context 4096 --rounds 30 --graph-max-data-seqs "$seqs" \
                 --out "$SCRATCH/fanout_${sessions}_$seqs"
         done
+    done
+    echo done
+    exit 0
+fi
+if [ "$MODE" = gluon ]; then  # the Gluon prefill attention: tests, kernel A/B, stream bench A/B
+    step gluon_tests 200 python3 -m pytest -q tests/test_gluon_attention.py
+    step gluon_ab 240 python3 perf/gluon_ab.py --configs "${GLUON_CONFIGS:-128/8/4/1}" \
+        --out "$SCRATCH/gluon_ab.json"
+    for policy in gluon bench; do
+        step "stream_$policy" 150 python3 perf/stream_bench.py --skip-hf --skip-stateless \
+            --repeats 8 --push-samples 50 --kernel-policy "perf/${policy}_policy.yaml" \
+            --out "$SCRATCH/stream_$policy"
     done
     echo done
     exit 0

@@ -8,7 +8,6 @@ last section checks the real Llama-3.1-8B shapes.
 
 from __future__ import annotations
 
-import math
 import os
 import types
 
@@ -18,6 +17,7 @@ import torch
 from livelm.daemon.kernels import torch_ref
 from livelm.daemon.kernels.attention_meta import AttentionMeta
 from livelm.daemon.kernels.candidates import Target
+from tests.paged_inputs import paged_batch as _paged_batch
 from tests.triton_interpret import (
     CUDA,
     DEVICE,
@@ -58,46 +58,6 @@ POINTWISE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-3 if CUDA else 1e-2}
 
 
 # ---- paged attention inputs -------------------------------------------------------------------
-def _paged_batch(
-    q_lens: list[int], ctx_lens: list[int], num_heads: int, num_kv_heads: int, head_dim: int,
-    block_size: int, dtype: torch.dtype, device: torch.device = DEVICE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, AttentionMeta]:
-    """Random q and cache; blocks scrambled; every cache slot outside a context holds NaN."""
-    per_seq = [-(-c // block_size) for c in ctx_lens]
-    num_blocks = sum(per_seq) + 3
-    shape = (num_blocks, block_size, num_kv_heads, head_dim)
-    k_cache = torch.full(shape, math.nan, dtype=dtype, device=device)
-    v_cache = torch.full(shape, math.nan, dtype=dtype, device=device)
-    order = torch.randperm(num_blocks - 1, device=device)  # the last block: table padding
-    pad = num_blocks - 1
-    table = torch.full((len(ctx_lens), max(per_seq) + 2), pad, dtype=torch.int32, device=device)
-    slots, used = [], 0
-    for b, (q_len, ctx) in enumerate(zip(q_lens, ctx_lens, strict=True)):
-        blocks = order[used:used + per_seq[b]]
-        used += per_seq[b]
-        table[b, :per_seq[b]] = blocks.to(torch.int32)
-        pos = torch.arange(ctx, device=device)
-        flat = blocks[pos // block_size] * block_size + pos % block_size
-        for cache in (k_cache, v_cache):
-            cache.view(-1, num_kv_heads, head_dim)[flat] = torch.randn(
-                ctx, num_kv_heads, head_dim, device=device).to(dtype)
-        slots.append(flat[ctx - q_len:])
-    starts = [0]
-    for q_len in q_lens:
-        starts.append(starts[-1] + q_len)
-    meta = AttentionMeta(
-        slot_mapping=torch.cat(slots).long(),
-        query_starts=torch.tensor(starts, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(ctx_lens, dtype=torch.int32, device=device),
-        block_tables=table,
-        query_starts_list=starts,
-        context_lens_list=list(ctx_lens),
-        decode_only=all(n == 1 for n in q_lens),
-    )
-    q = torch.randn(starts[-1], num_heads, head_dim, device=device).to(dtype)
-    return q, k_cache, v_cache, meta
-
-
 def _matches_reference(kernel, q_lens: list[int], ctx_lens: list[int], case: tuple,
                        dtype: torch.dtype) -> None:
     """``kernel`` against the reference on a paged batch whose slots outside every context
@@ -432,12 +392,16 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
 
     every = candidates()
     tma = [c for c in every if c.name.endswith("_tma")]
-    found = {c.operation: c for c in every if c not in tma}
+    gluon = [c for c in every if c.name.endswith("_gluon")]
+    found = {c.operation: c for c in every if c not in tma and c not in gluon}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
                           "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear",
                           "copy_kv_blocks"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
     assert {c.operation for c in tma} == {"prefill_attention", "decode_attention"}
+    assert [c.operation for c in gluon] == ["prefill_attention"]
+    if not CUDA:  # Gluon has no interpreter: refused, with the reason
+        assert "CUDA device only" in gluon[0].supports(_target(block_size=64))
     for c in tma:
         assert "64-token" in c.supports(_target())  # 16-token blocks: the pointer kernels only
         assert c.supports(_target(block_size=64)) is None

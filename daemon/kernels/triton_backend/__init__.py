@@ -74,6 +74,31 @@ def _tma_attention_reason(t: Target) -> str | None:
     return None
 
 
+def _load_gluon_prefill() -> tuple[Callable | None, Callable[[Target], str | None]]:
+    """The Gluon prefill kernel and its support check, importing Gluon only where it can run:
+    a CUDA process that is not interpreting (under the interpreter, an import of Gluon after
+    triton's interpreted standard library fails)."""
+    if _interpreting() or not torch.cuda.is_available():
+        return None, lambda t: "Gluon kernels run on a CUDA device only (no interpreter)"
+    try:
+        from livelm.daemon.kernels.triton_backend import gluon_prefill
+    except ImportError as exc:
+        why = f"Gluon does not import: {exc}"
+        return None, lambda t: why
+
+    def reason(t: Target) -> str | None:
+        if t.device.type != "cuda" or t.capability != (9, 0):
+            return "needs compute capability 9.0 (Hopper's warpgroup MMAs)"
+        return gluon_prefill.unsupported_reason(t.dtype, t.head_dim, t.num_heads,
+                                                t.num_kv_heads, t.block_size, t.sliding_window)
+
+    return gluon_prefill.paged_prefill_attention_gluon, reason
+
+
+def _not_loaded(*args: object, **kwargs: object) -> None:
+    raise BackendUnavailable("the Gluon prefill kernel is not loaded in this process")
+
+
 def _norm_reason(t: Target) -> str | None:
     if t.hidden_size > MAX_NORM_DIM or t.head_dim > MAX_NORM_DIM:
         return f"rows wider than {MAX_NORM_DIM} are not supported"
@@ -116,6 +141,8 @@ def candidates() -> list[Candidate]:
     def make(op: str, name: str, fn: Callable, *checks: Callable, graph_safe: bool = True):
         return Candidate(op, BACKEND, f"triton.{name}", fn, _supports(*checks), graph_safe)
 
+    gluon_prefill, gluon_reason = _load_gluon_prefill()
+
     return [
         # both grids depend only on the batch's row and sequence counts (fixed in a captured
         # graph); the host lists only steer tile and split choices, which any replay survives
@@ -125,6 +152,10 @@ def candidates() -> list[Candidate]:
              _tma_attention_reason),
         make("prefill_attention", "paged_prefill", paged_prefill.paged_prefill_attention,
              _attention_reason),
+        # Hopper only, written in Gluon: each key tile's softmax overlaps the next tile's
+        # products (asynchronous warpgroup MMAs); bound where a policy prefers it
+        make("prefill_attention", "paged_prefill_gluon", gluon_prefill or _not_loaded,
+             _attention_reason, gluon_reason),
         make("decode_attention", "paged_decode_splitk", paged_decode.paged_decode_attention,
              _attention_reason),
         # decode with TMA loads: after the pointer kernel, bound only where a policy prefers

@@ -1,0 +1,115 @@
+"""The Gluon (Hopper) prefill attention kernel.
+
+On any machine: it compiles for sm_90 (an H100/H200) as the GPU would, without spilling, with
+its loop's value product kept in flight across the next tile's softmax, and refuses shapes it
+cannot serve. On a Hopper GPU: it matches the torch reference at Llama-3.1-8B shapes, over
+caches whose stale slots hold NaN.
+
+Without CUDA the kernel module is only imported in child processes: this process runs the
+other kernels under triton's interpreter, and Gluon imports compiled triton functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from livelm.daemon.kernels import torch_ref
+from tests.paged_inputs import paged_batch
+
+ROOT = Path(__file__).resolve().parents[1]
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
+CHILD_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+
+
+def _child(*args: str) -> str:
+    """Run python with these arguments in a fresh process without the interpreter."""
+    done = subprocess.run([sys.executable, *args], env=CHILD_ENV, capture_output=True,
+                          text=True, timeout=300, check=False, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def _import_error() -> str | None:
+    code = ("import json; from livelm.daemon.kernels.triton_backend import gluon_prefill as g; "
+            "print(json.dumps(g._IMPORT_ERROR))")
+    return json.loads(_child("-c", code).strip().splitlines()[-1])
+
+
+def _kernels():
+    from livelm.daemon.kernels.triton_backend import gluon_prefill
+
+    if gluon_prefill._IMPORT_ERROR is not None:
+        pytest.skip(gluon_prefill._IMPORT_ERROR)
+    return gluon_prefill
+
+
+def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
+    assert torch.isfinite(ours).all(), "an output element is not finite"
+    return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
+
+
+def test_compiles_for_hopper_without_spills() -> None:
+    missing = _import_error()
+    if missing is not None:
+        pytest.skip(missing)
+    out = _child(str(ROOT / "perf" / "gluon_compile.py"))
+    report = json.loads(out[out.index("["):out.rindex("]") + 1])
+    for variant in report:
+        assert 0 < variant["registers"] <= 255 and variant["spill_bytes"] == 0, variant
+        assert variant["shared_bytes"] <= 227 * 1024, variant
+        # the loop's waits leave one product in flight (depth 1), not zero
+        assert 1 in variant["ptx_wait_depths"], variant
+
+
+@pytest.mark.parametrize(("dtype", "head_dim", "page", "window", "why"), [
+    (torch.float32, 128, 64, None, "bf16 or fp16"),
+    (torch.bfloat16, 96, 64, None, "head size"),
+    (torch.bfloat16, 128, 16, None, "64-token KV blocks"),
+    (torch.bfloat16, 128, 64, 4096, "sliding window"),
+])
+def test_refuses_shapes_it_cannot_serve(dtype, head_dim, page, window, why) -> None:
+    code = ("import json, torch; from livelm.daemon.kernels.triton_backend import gluon_prefill "
+            f"as g; print(json.dumps([g._IMPORT_ERROR, g.unsupported_reason({dtype}, {head_dim}, "
+            f"32, 8, {page}, {window})]))")
+    missing, reason = json.loads(_child("-c", code).strip().splitlines()[-1])
+    if missing is not None:
+        assert reason == missing
+    else:
+        assert reason is not None and why in reason
+        fits = ("import json, torch; from livelm.daemon.kernels.triton_backend import "
+                "gluon_prefill as g; print(json.dumps(g.unsupported_reason(torch.bfloat16, "
+                "128, 32, 8, 64, None)))")
+        assert json.loads(_child("-c", fits).strip().splitlines()[-1]) is None
+
+
+@needs_hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize(("q_lens", "ctx_lens", "splits"), [
+    ([32, 32, 32, 51], [2600, 19_000, 32_768, 34_000], None),  # questions and a record: split
+    ([2048, 1, 300], [8192, 4000, 300], None),  # an ingest chunk: unsplit
+    ([32] * 64, [4096] * 64, None),  # 64 sessions asking at once
+    ([1105, 7], [8205, 70], 3),  # a forced split count over several row tiles
+])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_matches_reference_at_model_shapes(q_lens, ctx_lens, splits, dtype) -> None:
+    q, kc, vc, meta = paged_batch(q_lens, ctx_lens, 32, 8, 128, 64, dtype)
+    ours = _kernels().paged_prefill_attention_gluon(q, kc, vc, meta, 128**-0.5, None, splits)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
+    assert _rel(ours, ref) < 1e-2
+
+
+@needs_hopper
+@pytest.mark.gpu
+def test_head_size_64_and_other_groups() -> None:
+    q, kc, vc, meta = paged_batch([40, 3], [900, 64], 16, 2, 64, 64, torch.bfloat16)
+    ours = _kernels().paged_prefill_attention_gluon(q, kc, vc, meta, 64**-0.5, None)
+    ref = torch_ref.paged_attention(q, kc, vc, meta, 64**-0.5, None)
+    assert _rel(ours, ref) < 1e-2
