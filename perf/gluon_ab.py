@@ -20,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from kernels_bench import HK, HQ, D, graph_ms, paged_batch  # noqa: E402
+from run_meta import meta  # noqa: E402
 
 from livelm.daemon.kernels import torch_ref  # noqa: E402
 from livelm.daemon.kernels.triton_backend import gluon_prefill, paged_prefill  # noqa: E402
@@ -101,7 +102,7 @@ def main() -> int:
             if "error" in row["gluon"][config]:
                 print(f"    {config}: {row['gluon'][config]['error']}")
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps({"meta": meta(), "rows": rows}, indent=2))
     return 0
 
 

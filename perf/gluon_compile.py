@@ -1,6 +1,6 @@
 """Compile the Gluon prefill attention kernel for an H100/H200 (sm_90) on any machine, as the
 GPU would at its real shapes, and print its resource use: shared memory, registers, spills,
-and the depths of its warpgroup MMA waits. A CPU machine catches compile errors this way.
+the depths of its warpgroup MMA waits, and whether ptxas serialised those MMAs. A CPU machine catches compile errors this way.
 
 Run in a fresh process: ``python perf/gluon_compile.py [--stages N]``.
 """
@@ -51,20 +51,23 @@ def compile_kernel(split: bool, stages: int, head_dim: int = 128) -> dict[str, o
     source = GluonASTSource(fn, signature, constants, attrs)
     kernel = triton.compile(source, target=HOPPER,
                             options={"num_warps": gluon_prefill.WARPS, "num_stages": 1})
-    registers, spills = ptxas_usage(kernel.asm["ptx"])
+    registers, spills, serialized = ptxas_usage(kernel.asm["ptx"])
     return {
         "split": split, "stages": stages,
         "shared_bytes": kernel.metadata.shared,
         "registers": registers,
         "spill_bytes": spills,
+        "wgmma_serialized": serialized,
         "ptx_wait_depths": [int(n) for n in re.findall(r"wgmma.wait_group.sync.aligned\s+(\d+)",
                                                        kernel.asm["ptx"])],
         "ptx_wgmma": len(re.findall(r"wgmma.mma_async", kernel.asm["ptx"])),
     }
 
 
-def ptxas_usage(ptx: str) -> tuple[int, int]:
-    """Registers per thread and spill-store bytes, from ``ptxas -v`` on the kernel's PTX."""
+def ptxas_usage(ptx: str) -> tuple[int, int, bool]:
+    """Registers per thread, spill-store bytes, and whether ptxas serialised the warpgroup
+    MMAs (its info C7514: registers of an MMA in flight are touched, so every MMA waits for
+    the one before it and nothing overlaps), from ``ptxas -v`` on the kernel's PTX."""
     import subprocess
     import tempfile
 
@@ -79,7 +82,8 @@ def ptxas_usage(ptx: str) -> tuple[int, int]:
                               capture_output=True, text=True, check=True)
     used = re.search(r"Used (\d+) registers", done.stderr)
     spill = re.search(r"(\d+) bytes spill stores", done.stderr)
-    return int(used.group(1)) if used else -1, int(spill.group(1)) if spill else -1
+    serialized = "wgmma.mma_async instructions are serialized" in done.stderr
+    return int(used.group(1)) if used else -1, int(spill.group(1)) if spill else -1, serialized
 
 
 def main() -> int:

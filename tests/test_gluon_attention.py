@@ -1,7 +1,7 @@
 """The Gluon (Hopper) prefill attention kernel.
 
 On any machine: it compiles for sm_90 (an H100/H200) as the GPU would, without spilling, with
-its loop's value product kept in flight across the next tile's softmax, and refuses shapes it
+its value product kept in flight across the next tile's softmax, and refuses shapes it
 cannot serve. On a Hopper GPU: it matches the torch reference at Llama-3.1-8B shapes, over
 caches whose stale slots hold NaN.
 
@@ -65,8 +65,9 @@ def test_compiles_for_hopper_without_spills() -> None:
     for variant in report:
         assert 0 < variant["registers"] <= 255 and variant["spill_bytes"] == 0, variant
         assert variant["shared_bytes"] <= 227 * 1024, variant
-        # the loop's waits leave one product in flight (depth 1), not zero
-        assert 1 in variant["ptx_wait_depths"], variant
+        # the loop's waits leave one product in flight (depth 1), and ptxas keeps them
+        # asynchronous (it serialises them all if registers of one in flight are touched)
+        assert 1 in variant["ptx_wait_depths"] and not variant["wgmma_serialized"], variant
 
 
 @pytest.mark.parametrize(("dtype", "head_dim", "page", "window", "why"), [

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from livelm.daemon.engine.graphs import (
     DATA_BUCKETS,
+    PACKED_MAX_ROWS,
     PREFILL_BUCKETS,
     data_sizes,
     packed_sizes,
@@ -78,7 +79,9 @@ def test_sizes_within_the_margin_of_a_larger_one_are_kept() -> None:
 
 def test_several_sessions_data_packs_into_the_fewest_rows_that_hold_it() -> None:
     sizes = packed_sizes(1024)
-    assert sizes[0] == 16 and sizes[-1] == 1024 and sizes == sorted(sizes)
+    # capped: past PACKED_MAX_ROWS an eager step is no longer host-bound
+    assert sizes[0] == 16 and sizes[-1] == PACKED_MAX_ROWS == 640 and sizes == sorted(sizes)
+    assert packed_sizes(300)[-1] <= 300
     seqs = 9  # up to 8 sessions, and the padding rows' sequence
     assert pick_packed([data(10), data(5)], seqs, sizes) == 16
     assert pick_packed([data(300), data(100), data(17)], seqs, sizes) == 448

@@ -38,6 +38,10 @@ DATA_BUCKETS = (192, 224, 256, 288, 320, 352, 384, 416, 448, 480, 512, 576, 640,
 # a larger data graph must replay at least this much faster to take a smaller one's chunks
 SLOWER_MARGIN = 0.03
 PACKED_MIN_ROWS = 16  # the smallest packed step: two sessions' records of a few tokens each
+# the largest: 4 / 8 sessions' records (202 / 404 rows) replayed in half the eager time (H100,
+# fan-out bench), but 16 sessions' (808 rows, padded to 896) took 30.9 ms replayed against
+# 27.7 eager in the median (H200): near a thousand rows the eager step is no longer host-bound
+PACKED_MAX_ROWS = 640
 
 Shape = tuple[int, int]  # (sequences, rows per sequence)
 Variant = tuple[Shape, bool]  # a shape, and whether the graph computes logits
@@ -288,8 +292,10 @@ def slower_than_larger(ms_by_size: dict[int, float], margin: float) -> list[int]
 
 
 def packed_sizes(max_data: int) -> list[int]:
-    """Row counts of the packed graphs (several sessions' data in one step), up to max_data."""
-    return [n for n in PREFILL_BUCKETS + DATA_BUCKETS if PACKED_MIN_ROWS <= n <= max_data]
+    """Row counts of the packed graphs (several sessions' data in one step), up to max_data
+    and PACKED_MAX_ROWS."""
+    top = min(max_data, PACKED_MAX_ROWS)
+    return [n for n in PREFILL_BUCKETS + DATA_BUCKETS if PACKED_MIN_ROWS <= n <= top]
 
 
 def pick_packed(chunks: list[Chunk], packed_seqs: int, sizes: list[int]) -> int | None:

@@ -7,11 +7,11 @@ the batch has too few row tiles to fill the GPU (merged by ``combine_splits``).
 
 Why a second kernel: in the Triton one, every key tile's score product is waited on before its
 softmax, and the softmax before the value product, so the tensor cores idle while the CUDA
-cores exponentiate (Triton 3.6 emits every ``warp_group_dot_wait`` at depth 0). Here the loop
-issues tile i+1's score product before tile i's softmax, and tile i's value product stays in
-flight across the next tile's softmax: the ordering FlashAttention-3 calls intra-warpgroup
-overlap. Key tiles arrive by TMA (one 64-token page of one kv head per copy) into a ring of
-STAGES slots, each with its own barrier for K and for V.
+cores exponentiate (Triton 3.6 emits every ``warp_group_dot_wait`` at depth 0). Here each
+iteration issues tile i+1's scores and tile i's value product back to back, waits for the
+scores only, and computes tile i+1's softmax while the value product runs: the ordering
+FlashAttention-3 calls intra-warpgroup overlap. Key tiles arrive by TMA (one 64-token page of
+one kv head per copy) into a ring of STAGES slots, each with its own barrier for K and for V.
 
 Limits (``unsupported_reason``): bf16/fp16, head size 64 or 128, 64-token KV pages, no sliding
 window, a GQA group dividing BLOCK_M. No PDL: the launch waits for its predecessor in plain
@@ -40,7 +40,6 @@ try:
         mbarrier,
         tma,
         warpgroup_mma,
-        warpgroup_mma_init,
         warpgroup_mma_wait,
     )
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
@@ -122,22 +121,11 @@ if gluon is not None:
         cta_barrier()
 
     @gluon.jit
-    def _step(s_cur, o_tok, m_i, l_i, i, s_lo, n_tiles, f_hi, ctx, q_pos, scale_log2,
-              q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, table, t_last, kv_head,
-              HAS_NEXT: gl.constexpr, STAGES: gl.constexpr, HEAD_DIM: gl.constexpr,
-              BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr,
-              num_warps: gl.constexpr):
-        """Key tile i (scores s_cur, already computed): issue tile i+1's scores, softmax tile i
-        while they run, then issue tile i's value product and leave it in flight."""
-        slot = i % STAGES
-        t = s_lo + i
-        if HAS_NEXT:
-            nxt = i + 1
-            mbarrier.wait(k_bars.index(nxt % STAGES), (nxt // STAGES) & 1)
-            s_tok = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)),
-                                  gl.zeros_like(s_cur), use_acc=False, is_async=True)
-
-        qk = s_cur * scale_log2
+    def _softmax(s, m_i, l_i, t, f_hi, ctx, q_pos, scale_log2, dtype: gl.constexpr,
+                 BLOCK_N: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
+        """Online softmax of key tile t's raw scores: its probabilities as the value product's
+        register operand, the rescale factor for the output so far, and the new max and sum."""
+        qk = s * scale_log2
         if t >= f_hi:  # a tile on the causal diagonal, or past the context's end
             keys = t * BLOCK_N + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             ok = (keys[None, :] <= q_pos[:, None]) & (keys < ctx)[None, :]
@@ -148,27 +136,46 @@ if gluon is not None:
         alpha = gl.exp2(m_i - m_ref)
         l_i = l_i * alpha + gl.sum(p, axis=1)
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        p_op = gl.convert_layout(p.to(v_desc.dtype), p_layout)
+        p_op = gl.convert_layout(p.to(dtype), p_layout)
+        return p_op, gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), m_new, l_i
 
-        # the previous value product is done once only this tile's next scores may be in flight
-        if HAS_NEXT:
-            o = warpgroup_mma_wait(num_outstanding=1, deps=(o_tok,))
-        else:
-            o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
-        o = o * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+    @gluon.jit
+    def _values_ready(v_smem, v_bars, i, t, ctx, STAGES: gl.constexpr, BLOCK_N: gl.constexpr,
+                      HEAD_DIM: gl.constexpr, num_warps: gl.constexpr):
+        """Wait for tile i's values; zero its rows past the context's end."""
+        slot = i % STAGES
         mbarrier.wait(v_bars.index(slot), (i // STAGES) & 1)
         if (t + 1) * BLOCK_N > ctx:
             _zero_stale_values(v_smem.index(slot), t, ctx, BLOCK_N, HEAD_DIM, num_warps)
-        o_tok = warpgroup_mma(p_op, v_smem.index(slot), o, is_async=True)
-        if HAS_NEXT:
-            s_cur = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
-            # both warpgroups are past tile i-1's value product: refill its slot
-            cta_barrier()
-            refill = i - 1 + STAGES
-            _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, table, s_lo + refill,
-                        t_last, (i + STAGES - 1) % STAGES, kv_head, (i >= 1) & (refill < n_tiles),
-                        HEAD_DIM, BLOCK_N)
-        return s_cur, o_tok, m_new, l_i
+        return v_smem.index(slot)
+
+    @gluon.jit
+    def _step(p_op, o, m_i, l_i, i, s_lo, n_tiles, f_hi, ctx, q_pos, scale_log2, s_zero,
+              q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, table, t_last, kv_head,
+              STAGES: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_N: gl.constexpr,
+              s_layout: gl.constexpr, o_layout: gl.constexpr, num_warps: gl.constexpr):
+        """Tile i's probabilities p_op are ready: issue tile i+1's scores, then tile i's value
+        product; softmax tile i+1 while the value product runs. Nothing stays in flight past
+        the iteration: ptxas serialises every warpgroup MMA of a kernel where registers of
+        one in flight are touched (an accumulator carried across the loop's back-edge)."""
+        nxt = i + 1
+        mbarrier.wait(k_bars.index(nxt % STAGES), (nxt // STAGES) & 1)
+        s_tok = warpgroup_mma(q_smem, k_smem.index(nxt % STAGES).permute((1, 0)), s_zero,
+                              use_acc=False, is_async=True)
+        v_tile = _values_ready(v_smem, v_bars, i, s_lo + i, ctx, STAGES, BLOCK_N, HEAD_DIM,
+                               num_warps)
+        o_tok = warpgroup_mma(p_op, v_tile, o, is_async=True)
+        s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok,))
+        p_next, alpha, m_i, l_i = _softmax(s, m_i, l_i, s_lo + nxt, f_hi, ctx, q_pos,
+                                           scale_log2, v_desc.dtype, BLOCK_N, s_layout,
+                                           o_layout)
+        o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
+        o = o * alpha[:, None]
+        # both warpgroups are done with tile i: refill its slot
+        cta_barrier()
+        _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, table, s_lo + i + STAGES,
+                    t_last, i % STAGES, kv_head, i + STAGES < n_tiles, HEAD_DIM, BLOCK_N)
+        return p_next, o, m_i, l_i
 
     @gluon.jit(do_not_specialize=["num_seqs", "n_rows"])
     def _prefill_kernel(
@@ -179,7 +186,7 @@ if gluon is not None:
         REVERSE: gl.constexpr, num_warps: gl.constexpr,
     ):
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
-        gl.static_assert(STAGES >= 3, "the ring refills a slot one tile late: 3+ stages")
+        gl.static_assert(STAGES >= 2, "the ring needs the next tile in flight: 2+ stages")
         tile = gl.program_id(0)
         if REVERSE:
             tile = gl.num_programs(0) - 1 - tile
@@ -240,24 +247,25 @@ if gluon is not None:
             q_pos = pos0 + first_q + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout)) // GROUP
             m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
             l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-            o_tok = warpgroup_mma_init(gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout))
+            o = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, layout=o_layout)
             s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
             mbarrier.wait(k_bars.index(0), 0, pred=n_tiles > 0)
             s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False,
                                   is_async=True)
-            s_cur = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+            s_first = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok,))
+            p_op, alpha, m_i, l_i = _softmax(s_first, m_i, l_i, s_lo, f_hi, ctx, q_pos,
+                                             scale_log2, dtype, BLOCK_N, s_layout, o_layout)
             for i in range(0, n_tiles - 1):
-                s_cur, o_tok, m_i, l_i = _step(
-                    s_cur, o_tok, m_i, l_i, i, s_lo, n_tiles, f_hi, ctx, q_pos, scale_log2,
+                p_op, o, m_i, l_i = _step(
+                    p_op, o, m_i, l_i, i, s_lo, n_tiles, f_hi, ctx, q_pos, scale_log2, s_zero,
                     q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, table, t_last,
-                    kv_head, True, STAGES, HEAD_DIM, BLOCK_N, s_layout, o_layout, num_warps)
+                    kv_head, STAGES, HEAD_DIM, BLOCK_N, s_layout, o_layout, num_warps)
             if n_tiles > 0:
-                s_cur, o_tok, m_i, l_i = _step(
-                    s_cur, o_tok, m_i, l_i, n_tiles - 1, s_lo, n_tiles, f_hi, ctx, q_pos,
-                    scale_log2, q_smem, k_desc, v_desc, k_smem, v_smem, k_bars, v_bars, table,
-                    t_last, kv_head, False, STAGES, HEAD_DIM, BLOCK_N, s_layout, o_layout,
-                    num_warps)
-            o = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok,))
+                last = n_tiles - 1
+                v_tile = _values_ready(v_smem, v_bars, last, s_lo + last, ctx, STAGES, BLOCK_N,
+                                       HEAD_DIM, num_warps)
+                o_tok = warpgroup_mma(p_op, v_tile, o, is_async=True)
+                o, p_op = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, p_op))
             for s in gl.static_range(STAGES):
                 mbarrier.invalidate(k_bars.index(s))
                 mbarrier.invalidate(v_bars.index(s))
