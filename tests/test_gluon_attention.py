@@ -100,9 +100,12 @@ def test_refuses_shapes_it_cannot_serve(dtype, head_dim, page, window, why) -> N
     ([1105, 7], [8205, 70], 3),  # a forced split count over several row tiles
 ])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_matches_reference_at_model_shapes(q_lens, ctx_lens, splits, dtype) -> None:
+@pytest.mark.parametrize("variant", ["paged_prefill_attention_gluon",
+                                     "paged_prefill_attention_gluon_splits"])
+def test_matches_reference_at_model_shapes(q_lens, ctx_lens, splits, dtype, variant) -> None:
     q, kc, vc, meta = paged_batch(q_lens, ctx_lens, 32, 8, 128, 64, dtype)
-    ours = _kernels().paged_prefill_attention_gluon(q, kc, vc, meta, 128**-0.5, None, splits)
+    kernel = getattr(_kernels(), variant)
+    ours = kernel(q, kc, vc, meta, 128**-0.5, None, splits)
     ref = torch_ref.paged_attention(q, kc, vc, meta, 128**-0.5, None)
     assert _rel(ours, ref) < 1e-2
 

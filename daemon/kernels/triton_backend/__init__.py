@@ -74,8 +74,10 @@ def _tma_attention_reason(t: Target) -> str | None:
     return None
 
 
-def _load_gluon_prefill() -> tuple[Callable | None, Callable[[Target], str | None]]:
-    """The Gluon prefill kernel and its support check, importing Gluon only where it can run:
+def _load_gluon_prefill() -> tuple[tuple[Callable, Callable] | None,
+                                   Callable[[Target], str | None]]:
+    """The Gluon prefill kernel alone and for split launches only (``gluon_prefill``), and
+    their support check, importing Gluon only where it can run:
     a CUDA process that is not interpreting (under the interpreter, an import of Gluon after
     triton's interpreted standard library fails)."""
     if _interpreting() or not torch.cuda.is_available():
@@ -92,7 +94,8 @@ def _load_gluon_prefill() -> tuple[Callable | None, Callable[[Target], str | Non
         return gluon_prefill.unsupported_reason(t.dtype, t.head_dim, t.num_heads,
                                                 t.num_kv_heads, t.block_size, t.sliding_window)
 
-    return gluon_prefill.paged_prefill_attention_gluon, reason
+    return (gluon_prefill.paged_prefill_attention_gluon,
+            gluon_prefill.paged_prefill_attention_gluon_splits), reason
 
 
 def _not_loaded(*args: object, **kwargs: object) -> None:
@@ -141,7 +144,8 @@ def candidates() -> list[Candidate]:
     def make(op: str, name: str, fn: Callable, *checks: Callable, graph_safe: bool = True):
         return Candidate(op, BACKEND, f"triton.{name}", fn, _supports(*checks), graph_safe)
 
-    gluon_prefill, gluon_reason = _load_gluon_prefill()
+    gluon_kernels, gluon_reason = _load_gluon_prefill()
+    gluon_alone, gluon_splits = gluon_kernels or (_not_loaded, _not_loaded)
 
     return [
         # both grids depend only on the batch's row and sequence counts (fixed in a captured
@@ -152,10 +156,13 @@ def candidates() -> list[Candidate]:
              _tma_attention_reason),
         make("prefill_attention", "paged_prefill", paged_prefill.paged_prefill_attention,
              _attention_reason),
-        # Hopper only, written in Gluon: each key tile's softmax overlaps the next tile's
-        # products (asynchronous warpgroup MMAs); bound where a policy prefers it
-        make("prefill_attention", "paged_prefill_gluon", gluon_prefill or _not_loaded,
-             _attention_reason, gluon_reason),
+        # Hopper only, written in Gluon: each key tile's softmax overlaps the value product
+        # (asynchronous warpgroup MMAs); alone, and for split launches only (the TMA kernel
+        # takes long chunks); bound where a policy prefers them
+        make("prefill_attention", "paged_prefill_gluon", gluon_alone, _attention_reason,
+             gluon_reason),
+        make("prefill_attention", "paged_prefill_gluon_splits", gluon_splits, _attention_reason,
+             _tma_attention_reason, gluon_reason),
         make("decode_attention", "paged_decode_splitk", paged_decode.paged_decode_attention,
              _attention_reason),
         # decode with TMA loads: after the pointer kernel, bound only where a policy prefers

@@ -24,6 +24,7 @@ import torch
 import triton
 
 from livelm.daemon.kernels.attention_meta import AttentionMeta
+from livelm.daemon.kernels.triton_backend import paged_prefill
 from livelm.daemon.kernels.triton_backend.paged_decode import (
     LOG2E,
     check_caches,
@@ -374,3 +375,24 @@ def paged_prefill_attention_gluon(
     if splits > 1:
         combine_splits(ws, splits, out)
     return out
+
+
+def paged_prefill_attention_gluon_splits(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMeta,
+    scale: float,
+    sliding_window: int | None,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """This kernel where its launch splits over keys (a question or a record over a long
+    context: bound by the KV read, where the overlap matters), the Triton TMA kernel for the
+    rest (long chunks, whose 64-row tiles keep several programs per SM). The choice comes from
+    host-side sizes only, so a captured graph keeps it."""
+    splits = num_splits or plan(q, k_cache, meta)["splits"]
+    if splits > 1:
+        return paged_prefill_attention_gluon(q, k_cache, v_cache, meta, scale, sliding_window,
+                                             num_splits)
+    return paged_prefill.paged_prefill_attention_tma(q, k_cache, v_cache, meta, scale,
+                                                     sliding_window, num_splits)
