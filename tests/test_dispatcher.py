@@ -227,6 +227,17 @@ def test_a_correct_extra_candidate_passes_and_can_be_preferred() -> None:
     assert "prefer list" in rows(binding, "prefill_attention")["test.same"].reason
 
 
+def test_an_opt_in_candidate_is_bound_only_where_the_policy_names_it() -> None:
+    good = dataclasses.replace(attention("test.opt_in", same_as_reference), opt_in=True)
+    for policy in (None, Policy(prefer={"prefill_attention": ["test.*"]})):
+        row = rows(resolve(policy, extra_candidates=(good,)), "prefill_attention")["test.opt_in"]
+        assert row.status == "refused" and "opt-in" in row.reason, row.reason
+    for policy in (Policy(prefer={"prefill_attention": ["test.opt_in"]}),
+                   Policy(lock={"prefill_attention": "test.opt_in"})):
+        binding = resolve(policy, extra_candidates=(good,))
+        assert binding.kernels.prefill_attention is same_as_reference
+
+
 def test_the_binding_names_the_forward_kernels_a_graph_cannot_capture() -> None:
     assert resolve().kernels.graph_unsafe == {"prefill_attention", "decode_attention"}
     capturable = dataclasses.replace(attention("test.capturable", same_as_reference),

@@ -34,6 +34,9 @@ class Candidate:
     # None when the kernel supports the target, else the reason it does not
     supports: Callable[[Target], str | None]
     graph_safe: bool = True  # may be captured in a CUDA graph
+    # checked and bound only where the policy names it (lock, allow or prefer, by its full
+    # name): a kernel still being measured, kept out of every start-up's checks until then
+    opt_in: bool = False
 
 
 class BackendUnavailable(Exception):

@@ -223,6 +223,8 @@ def _filter(rows: list[_Row], target: Target, policy: Policy) -> None:
             row.status, row.reason = REFUSED, f"unsupported: {unsupported}"
             continue
         refusal = policy.refusal(c.operation, c.name, c.backend)
+        if refusal is None and c.opt_in and not policy.names(c.operation, c.name):
+            refusal = "opt-in: checked and bound only where the policy names it"
         if refusal is not None:
             row.status, row.reason = REFUSED, refusal
 

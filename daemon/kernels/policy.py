@@ -9,7 +9,8 @@ prefer: {rms_norm: [triton.rms_norm, torch_ref]}  # tried in this order before t
 ```
 
 A pattern (in allow, deny, prefer) is a candidate name or a backend name, with shell-style
-wildcards (``triton.*``, ``flash*``). A lock names one candidate exactly.
+wildcards (``triton.*``, ``flash*``). A lock names one candidate exactly. An opt-in candidate
+(``Candidate.opt_in``) is considered only where lock, allow or prefer gives its full name.
 """
 
 from __future__ import annotations
@@ -51,6 +52,12 @@ class Policy:
         if allowed is not None and _first_match(allowed, name, backend) is None:
             return f"policy: not in the allow list {list(allowed)}"
         return None
+
+    def names(self, op: str, name: str) -> bool:
+        """Whether the policy names this candidate itself (no wildcard, no backend name) for
+        the operation: what an opt-in candidate needs before it is checked or bound."""
+        return (self.lock.get(op) == name or name in self.allow.get(op, ())
+                or name in self.prefer.get(op, ()))
 
     def prefer_rank(self, op: str, name: str, backend: str) -> int:
         """Position of the first prefer pattern that matches; past the list when none does."""

@@ -141,8 +141,10 @@ def candidates() -> list[Candidate]:
     except ImportError as exc:  # triton present but broken (e.g. no matching driver/compiler)
         raise BackendUnavailable(f"triton does not import: {exc}") from exc
 
-    def make(op: str, name: str, fn: Callable, *checks: Callable, graph_safe: bool = True):
-        return Candidate(op, BACKEND, f"triton.{name}", fn, _supports(*checks), graph_safe)
+    def make(op: str, name: str, fn: Callable, *checks: Callable, graph_safe: bool = True,
+             opt_in: bool = False):
+        return Candidate(op, BACKEND, f"triton.{name}", fn, _supports(*checks), graph_safe,
+                         opt_in)
 
     gluon_kernels, gluon_reason = _load_gluon_prefill()
     gluon_alone, gluon_splits = gluon_kernels or (_not_loaded, _not_loaded)
@@ -158,11 +160,11 @@ def candidates() -> list[Candidate]:
              _attention_reason),
         # Hopper only, written in Gluon: each key tile's softmax overlaps the value product
         # (asynchronous warpgroup MMAs); alone, and for split launches only (the TMA kernel
-        # takes long chunks); bound where a policy prefers them
+        # takes long chunks); opt-in (a policy names them) until measured on the GPU
         make("prefill_attention", "paged_prefill_gluon", gluon_alone, _attention_reason,
-             gluon_reason),
+             gluon_reason, opt_in=True),
         make("prefill_attention", "paged_prefill_gluon_splits", gluon_splits, _attention_reason,
-             _tma_attention_reason, gluon_reason),
+             _tma_attention_reason, gluon_reason, opt_in=True),
         make("decode_attention", "paged_decode_splitk", paged_decode.paged_decode_attention,
              _attention_reason),
         # decode with TMA loads: after the pointer kernel, bound only where a policy prefers
