@@ -36,7 +36,7 @@ def compile_kernel(split: bool, stages: int, head_dim: int = 128) -> dict[str, o
     desc = f"tensordesc<bf16[{gluon_prefill.PAGE}, {head_dim}],{layout!r}>"
     constants = dict(GROUP=4, HEAD_DIM=head_dim, BLOCK_M=gluon_prefill.BLOCK_M,
                      BLOCK_Q=gluon_prefill.BLOCK_M // 4, SPLIT=split, STAGES=stages,
-                     REVERSE=True, num_warps=gluon_prefill.WARPS)
+                     REVERSE=True, USE_PDL=True, num_warps=gluon_prefill.WARPS)
     signature = {}
     for name in fn.arg_names:
         if name in constants:

@@ -14,8 +14,8 @@ FlashAttention-3 calls intra-warpgroup overlap. Key tiles arrive by TMA (one 64-
 one kv head per copy) into a ring of STAGES slots, each with its own barrier for K and for V.
 
 Limits (``unsupported_reason``): bf16/fp16, head size 64 or 128, 64-token KV pages, no sliding
-window, a GQA group dividing BLOCK_M. No PDL: the launch waits for its predecessor in plain
-stream order.
+window, a GQA group dividing BLOCK_M. Launched with programmatic dependent launch where the
+Triton kernels are (``pdl.py``'s rules: wait for the producer before the first load or store).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 import triton
 
 from livelm.daemon.kernels.attention_meta import AttentionMeta
-from livelm.daemon.kernels.triton_backend import paged_prefill
+from livelm.daemon.kernels.triton_backend import paged_prefill, pdl
 from livelm.daemon.kernels.triton_backend.paged_decode import (
     LOG2E,
     check_caches,
@@ -80,6 +80,16 @@ def unsupported_reason(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv
 
 
 if gluon is not None:
+
+    @gluon.jit
+    def _wait_for_producer(USE_PDL: gl.constexpr):
+        """``pdl.wait_for_producer`` in Gluon: wait for the previous kernel, then let the next
+        one start."""
+        if USE_PDL:
+            gl.inline_asm_elementwise("griddepcontrol.wait; // dummy $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
+            gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // dummy $0", "=r", [],
+                                      dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
     def _find_sequence(query_starts, num_seqs, tile, BLOCK_Q: gl.constexpr):
@@ -184,8 +194,9 @@ if gluon is not None:
         num_seqs, n_rows, scale_log2, stride_qn, stride_qh, stride_bt,
         GROUP: gl.constexpr, HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_Q: gl.constexpr, SPLIT: gl.constexpr, STAGES: gl.constexpr,
-        REVERSE: gl.constexpr, num_warps: gl.constexpr,
+        REVERSE: gl.constexpr, USE_PDL: gl.constexpr, num_warps: gl.constexpr,
     ):
+        _wait_for_producer(USE_PDL)
         BLOCK_N: gl.constexpr = k_desc.block_type.shape[0]
         gl.static_assert(STAGES >= 2, "the ring needs the next tile in flight: 2+ stages")
         tile = gl.program_id(0)
@@ -371,6 +382,7 @@ def paged_prefill_attention_gluon(
         meta.num_seqs, n, scale * LOG2E, q.stride(0), q.stride(1), meta.block_tables.stride(0),
         GROUP=p["group"], HEAD_DIM=head_dim, BLOCK_M=BLOCK_M, BLOCK_Q=p["block_q"],
         SPLIT=splits > 1, STAGES=STAGES, REVERSE=True, num_warps=WARPS,
+        **pdl.launch_args(q.device),
     )
     if splits > 1:
         combine_splits(ws, splits, out)
