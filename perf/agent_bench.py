@@ -21,7 +21,7 @@ import gc
 import json
 import os
 import platform
-import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,12 +31,15 @@ import numpy as np
 import torch
 import uvloop
 
-from livelm.daemon.config import Config
-from livelm.daemon.engine.engine import Engine
-from livelm.daemon.kernels.startup import bind_and_load
-from livelm.daemon.model.config import ModelConfig
-from livelm.daemon.model.loader import LoadedModel
-from livelm.protocol.messages import GenerateRequest
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_meta  # noqa: E402
+
+from livelm.daemon.config import Config  # noqa: E402
+from livelm.daemon.engine.engine import Engine  # noqa: E402
+from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
+from livelm.daemon.model.config import ModelConfig  # noqa: E402
+from livelm.daemon.model.loader import LoadedModel  # noqa: E402
+from livelm.protocol.messages import GenerateRequest  # noqa: E402
 
 SYSTEM_TOKENS = 600  # the agent's instructions and tool list
 ASK_TOKENS = 24  # "what next?" after each tool result
@@ -331,7 +334,7 @@ def main() -> int:
         results["hf"] = hf_turns(model_config, script, args.answer_tokens, device, dtype)
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     results["meta"] = {
-        "commit": os.environ.get("LIVELM_COMMIT") or _git_commit(),
+        "commit": run_meta.commit(),
         "gpu": gpu,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -350,15 +353,6 @@ def main() -> int:
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {path}")
     return 0
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import torch
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_meta  # noqa: E402
 from stream_bench import Bench, pct, record, start_bench  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
@@ -192,7 +192,7 @@ def main() -> int:
     run = uvloop.run(scenario(model, config, args))
     summary = summarize(run["rounds"])
     meta = {
-        "commit": os.environ.get("LIVELM_COMMIT") or _git_commit(),
+        "commit": run_meta.commit(),
         "gpu": device_name(config), "torch": torch.__version__,
         "python": platform.python_version(), "model": config.model, "dtype": config.dtype,
         "date": time.strftime("%Y-%m-%d"), "kv_cache_tokens": config.kv_cache_tokens,
@@ -209,14 +209,6 @@ def main() -> int:
         path.write_text(json.dumps(results, indent=2, default=str))
         print(f"wrote {path}")
     return 0
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

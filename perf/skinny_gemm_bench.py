@@ -25,7 +25,6 @@ import dataclasses
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -297,14 +296,6 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=ROOT).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def _weights(n: int, k: int, device: torch.device) -> list[torch.Tensor]:
     """Enough copies (at least two) that cycling through them defeats the L2."""
     copies = max(2, -(-int(L2_DEFEAT_BYTES) // (n * k * 2)))
@@ -350,11 +341,12 @@ def main() -> int:
 
 def _write(results: list[dict[str, Any]], args: argparse.Namespace, device: torch.device,
            copy_bw: float, num_sms: int) -> int:
+    import run_meta  # perf/ is on sys.path since main
     import triton
 
     gpu = torch.cuda.get_device_name(device)
     meta = {
-        "commit": os.environ.get("LIVELM_COMMIT") or _git_commit(), "gpu": gpu, "sms": num_sms,
+        "commit": run_meta.commit(), "gpu": gpu, "sms": num_sms,
         "torch": torch.__version__, "triton": triton.__version__, "dtype": str(DTYPE),
         "date": time.strftime("%Y-%m-%d"), "args": vars(args), "copy_bytes_per_s": copy_bw,
     }

@@ -21,7 +21,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ import torch
 import uvloop
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import run_meta  # noqa: E402
 from floor import Ceilings, forward_floor_ms, measure_ceilings, prefill_floor_tokens_per_s  # noqa: E402
 
 from livelm.daemon.config import Config  # noqa: E402
@@ -426,7 +426,7 @@ def main() -> int:
         results["hf"] = hf_baseline(model_config, args, device)
     results["ceilings"] = dataclasses.asdict(ceilings)
     results["meta"] = {
-        "commit": os.environ.get("LIVELM_COMMIT") or _git_commit(),
+        "commit": run_meta.commit(),
         "gpu": torch.cuda.get_device_name(device), "torch": torch.__version__,
         "python": platform.python_version(), "model": args.model, "dtype": args.dtype,
         "date": time.strftime("%Y-%m-%d"), "args": vars(args),
@@ -452,13 +452,6 @@ def push_tail(push: dict[str, Any] | None) -> str:
     return (f"push tail (slowest {len(tail)}): {tail[0]['ms']:.2f}-{tail[-1]['ms']:.2f} ms, "
             f"{multi} took more than one step, {sum(g > 0 for g in gc_ms)} had a collection "
             f"(up to {max(gc_ms):.2f} ms)")
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 if __name__ == "__main__":

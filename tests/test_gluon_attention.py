@@ -24,9 +24,14 @@ from livelm.daemon.kernels import torch_ref
 from tests.paged_inputs import paged_batch
 
 ROOT = Path(__file__).resolve().parents[1]
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-needs_hopper = pytest.mark.skipif(not HOPPER, reason="needs a Hopper GPU")
 CHILD_ENV = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+REFUSALS = [  # dtype, head_dim, page, window, what the reason names
+    ("torch.float32", 128, 64, None, "bf16 or fp16"),
+    ("torch.bfloat16", 96, 64, None, "head size"),
+    ("torch.bfloat16", 128, 16, None, "64-token KV blocks"),
+    ("torch.bfloat16", 128, 64, 4096, "sliding window"),
+]
+FITS = ("torch.bfloat16", 128, 64, None)
 
 
 def _child(*args: str) -> str:
@@ -37,17 +42,27 @@ def _child(*args: str) -> str:
     return done.stdout
 
 
-def _import_error() -> str | None:
-    code = ("import json; from livelm.daemon.kernels.triton_backend import gluon_prefill as g; "
-            "print(json.dumps(g._IMPORT_ERROR))")
-    return json.loads(_child("-c", code).strip().splitlines()[-1])
+def _probe() -> dict:
+    """From one child process: why Gluon does not import (None if it does), and the kernel's
+    refusal reason for each of REFUSALS and for FITS."""
+    calls = ", ".join(f"g.unsupported_reason({d}, {h}, 32, 8, {p}, {w})"
+                      for d, h, p, w in [case[:4] for case in REFUSALS] + [FITS])
+    code = ("import json, torch; from livelm.daemon.kernels.triton_backend import gluon_prefill "
+            f"as g; print(json.dumps([g._IMPORT_ERROR, [{calls}]]))")
+    missing, reasons = json.loads(_child("-c", code).strip().splitlines()[-1])
+    return {"missing": missing, "refusals": reasons[:-1], "fits": reasons[-1]}
+
+
+PROBE = _probe()
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+needs_gluon = pytest.mark.skipif(PROBE["missing"] is not None, reason=str(PROBE["missing"]))
+needs_hopper = pytest.mark.skipif(not HOPPER or PROBE["missing"] is not None,
+                                  reason="needs a Hopper GPU and Gluon")
 
 
 def _kernels():
     from livelm.daemon.kernels.triton_backend import gluon_prefill
 
-    if gluon_prefill._IMPORT_ERROR is not None:
-        pytest.skip(gluon_prefill._IMPORT_ERROR)
     return gluon_prefill
 
 
@@ -56,10 +71,8 @@ def _rel(ours: torch.Tensor, ref: torch.Tensor) -> float:
     return ((ours.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
+@needs_gluon
 def test_compiles_for_hopper_without_spills() -> None:
-    missing = _import_error()
-    if missing is not None:
-        pytest.skip(missing)
     out = _child(str(ROOT / "perf" / "gluon_compile.py"))
     report = json.loads(out[out.index("["):out.rindex("]") + 1])
     for variant in report:
@@ -70,25 +83,14 @@ def test_compiles_for_hopper_without_spills() -> None:
         assert 1 in variant["ptx_wait_depths"] and not variant["wgmma_serialized"], variant
 
 
-@pytest.mark.parametrize(("dtype", "head_dim", "page", "window", "why"), [
-    (torch.float32, 128, 64, None, "bf16 or fp16"),
-    (torch.bfloat16, 96, 64, None, "head size"),
-    (torch.bfloat16, 128, 16, None, "64-token KV blocks"),
-    (torch.bfloat16, 128, 64, 4096, "sliding window"),
-])
-def test_refuses_shapes_it_cannot_serve(dtype, head_dim, page, window, why) -> None:
-    code = ("import json, torch; from livelm.daemon.kernels.triton_backend import gluon_prefill "
-            f"as g; print(json.dumps([g._IMPORT_ERROR, g.unsupported_reason({dtype}, {head_dim}, "
-            f"32, 8, {page}, {window})]))")
-    missing, reason = json.loads(_child("-c", code).strip().splitlines()[-1])
+@pytest.mark.parametrize("case", range(len(REFUSALS)))
+def test_refuses_shapes_it_cannot_serve(case: int) -> None:
+    missing, reason, why = PROBE["missing"], PROBE["refusals"][case], REFUSALS[case][4]
     if missing is not None:
         assert reason == missing
     else:
         assert reason is not None and why in reason
-        fits = ("import json, torch; from livelm.daemon.kernels.triton_backend import "
-                "gluon_prefill as g; print(json.dumps(g.unsupported_reason(torch.bfloat16, "
-                "128, 32, 8, 64, None)))")
-        assert json.loads(_child("-c", fits).strip().splitlines()[-1]) is None
+        assert PROBE["fits"] is None
 
 
 @needs_hopper

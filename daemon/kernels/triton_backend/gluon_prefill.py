@@ -360,6 +360,15 @@ def paged_prefill_attention_gluon(
 ) -> torch.Tensor:
     """q [N, Hq, D] over each sequence's paged context -> [N, Hq, D] (``paged_prefill``'s
     contract); raises ValueError for shapes ``unsupported_reason`` refuses."""
+    return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, None)
+
+
+def _attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMeta,
+    scale: float, sliding_window: int | None, num_splits: int | None,
+    p: dict[str, int] | None,
+) -> torch.Tensor:
+    """The launch, with ``plan``'s result when the caller has it already."""
     n, num_heads, head_dim = q.shape
     why = unsupported_reason(q.dtype, head_dim, num_heads, k_cache.shape[2], k_cache.shape[1],
                              sliding_window)
@@ -373,7 +382,7 @@ def paged_prefill_attention_gluon(
     out = torch.empty(q.shape, device=q.device, dtype=q.dtype)
     if n == 0:
         return out
-    p = plan(q, k_cache, meta)
+    p = p or plan(q, k_cache, meta)
     splits = num_splits or p["splits"]
     k_desc, v_desc = _descriptors(k_cache, v_cache)
     ws = split_workspace(splits, n, num_heads, head_dim, q.device) if splits > 1 else out
@@ -402,9 +411,8 @@ def paged_prefill_attention_gluon_splits(
     context: bound by the KV read, where the overlap matters), the Triton TMA kernel for the
     rest (long chunks, whose 64-row tiles keep several programs per SM). The choice comes from
     host-side sizes only, so a captured graph keeps it."""
-    splits = num_splits or plan(q, k_cache, meta)["splits"]
-    if splits > 1:
-        return paged_prefill_attention_gluon(q, k_cache, v_cache, meta, scale, sliding_window,
-                                             num_splits)
+    p = plan(q, k_cache, meta)
+    if (num_splits or p["splits"]) > 1:
+        return _attend(q, k_cache, v_cache, meta, scale, sliding_window, num_splits, p)
     return paged_prefill.paged_prefill_attention_tma(q, k_cache, v_cache, meta, scale,
                                                      sliding_window, num_splits)
