@@ -10,6 +10,8 @@ queries finish (up to ``drain_timeout``), the servers close, exit 0. A second si
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import faulthandler
 import os
 import signal
 import threading
@@ -27,6 +29,9 @@ from livelm.daemon.kernels.dispatcher import Binding
 from livelm.daemon.kernels.startup import bind_and_load
 from livelm.daemon.logs import ACCESS_LOGGER, AccessLogger, get_logger, setup_logging
 from livelm.daemon.model.loader import LoadedModel
+from livelm.daemon.service_notify import ServiceNotifier
+from livelm.daemon.service_notify import current as current_notifier
+from livelm.daemon.supervision import supervise
 from livelm.daemon.transports.tcp import TcpServer
 from livelm.protocol.errors import ConfigError, ModelLoadError
 
@@ -38,6 +43,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_CONFIG = 2
 EXIT_MODEL = 3
+EXIT_WORKER = 4  # the inference worker died while serving (systemd restarts the service)
 EXIT_FORCED = 130  # a second SIGINT/SIGTERM during the drain
 
 HANDLER_SHUTDOWN_SECONDS = 3.0  # after the engine stopped, the last handlers have this long
@@ -53,6 +59,7 @@ class StartupError(Exception):
 def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
     setup_logging(config.log_level, config.log_format)
+    faulthandler.enable(all_threads=True)  # a watchdog's SIGABRT leaves every thread's stack
     log.info("starting livelm", extra={"config": config.redacted(), "pid": os.getpid()})
     try:  # device and dtype are checked here, before anything listens
         config.torch_device()
@@ -73,6 +80,7 @@ def run(config: Config) -> int:
 async def _serve(config: Config) -> int:
     stop = asyncio.Event()
     _install_signal_handlers(stop)
+    notifier = current_notifier()
     app = build_app(None, config)
     runner = web.AppRunner(
         app,
@@ -83,13 +91,17 @@ async def _serve(config: Config) -> int:
     )
     await runner.setup()
     tcp = TcpServer(server_state(app))
+    engine: Engine | None = None
     try:
         site = await _listen(runner, config)
-        await _listen_tcp(tcp, config)
+        tcp_addresses = await _listen_tcp(tcp, config)
+        notifier.status(f"loading {config.model}")
         engine = await _start_engine(app, config, stop)
         if engine is not None:
-            await stop.wait()
+            status = _serving_status(server_state(app).model, runner, tcp_addresses)
+            await _serve_until_stopped(engine, notifier, stop, status)
         log.info("draining", extra={"drain_timeout": config.drain_timeout})
+        notifier.stopping("draining")
         start_draining(app)
         await site.stop()  # no new connections
         tcp.stop_listening()
@@ -99,7 +111,30 @@ async def _serve(config: Config) -> int:
         await tcp.close(HANDLER_SHUTDOWN_SECONDS)
         await runner.cleanup()
     log.info("stopped")
-    return EXIT_OK
+    return EXIT_WORKER if engine is not None and engine.worker_failed else EXIT_OK
+
+
+async def _serve_until_stopped(
+    engine: Engine, notifier: ServiceNotifier, stop: asyncio.Event, status: str
+) -> None:
+    """Tells systemd the service is ready, then watches the worker until a signal (or its
+    death) sets ``stop``."""
+    notifier.ready(status)
+    watcher = asyncio.ensure_future(supervise(engine, notifier, stop))
+    try:
+        await stop.wait()
+    finally:
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+
+def _serving_status(
+    model: str, runner: web.AppRunner, tcp_addresses: list[tuple[str, int]]
+) -> str:
+    http = ", ".join(f"http://{host}:{port}" for host, port, *_ in runner.addresses)
+    framed = ", ".join(f"tcp://{host}:{port}" for host, port in tcp_addresses)
+    return f"serving {model} on {http} and {framed}"
 
 
 async def _listen(runner: web.AppRunner, config: Config) -> web.TCPSite:
@@ -115,7 +150,7 @@ async def _listen(runner: web.AppRunner, config: Config) -> web.TCPSite:
     return site
 
 
-async def _listen_tcp(tcp: TcpServer, config: Config) -> None:
+async def _listen_tcp(tcp: TcpServer, config: Config) -> list[tuple[str, int]]:
     try:
         addresses = await tcp.start(config.host, config.tcp_port)
     except OSError as exc:
@@ -125,6 +160,7 @@ async def _listen_tcp(tcp: TcpServer, config: Config) -> None:
         ) from exc
     for host, port in addresses:
         log.info("listening on tcp://%s:%s", host, port, extra={"host": host, "tcp_port": port})
+    return addresses
 
 
 async def _start_engine(

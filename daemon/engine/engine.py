@@ -12,6 +12,7 @@ import gc
 import itertools
 import logging
 import math
+import time
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -181,6 +182,16 @@ class Engine:
             gc.unfreeze()  # what this engine held may be collected again
         if not self.worker.is_alive():
             self.ring.close()
+
+    @property
+    def worker_failed(self) -> bool:
+        """The worker thread died: nothing this engine holds can be computed any more."""
+        return self.worker.fatal is not None
+
+    def worker_turn_age(self) -> float:
+        """Seconds since the worker began its current turn (an idle turn lasts at most
+        ``IDLE_WAIT_S``; a growing age means it is stuck in a step)."""
+        return time.monotonic() - self.worker.turn_started
 
     # ---- sessions ----------------------------------------------------------------------------
     async def init_session(self, req: InitRequest) -> SessionReply:
@@ -527,7 +538,7 @@ class Engine:
     def _check_accepting(self) -> None:
         if not self._accepting:
             raise Overloaded("the daemon is shutting down", retry_after=5.0)
-        if self.worker.fatal is not None:
+        if self.worker_failed:
             raise Overloaded("the inference worker stopped; see the daemon log", retry_after=5.0)
 
     async def _off_loop(self, fn: Any, *args: Any, big: int = 0) -> Any:
@@ -543,6 +554,7 @@ class Engine:
             "kv_blocks_reserved": self.budget.reserved,
             "ring_words_used": self.ring.used,
             "worker_alive": float(self.worker.is_alive()),
+            "worker_turn_seconds": self.worker_turn_age() if self.worker.is_alive() else 0.0,
             "worker_steps_total": float(self.worker.steps),
             "worker_graph_steps_total": float(self.worker.runner.graph_steps),
             "worker_eager_steps_total": float(self.worker.runner.eager_steps),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -103,6 +104,7 @@ class Worker(threading.Thread):
         self._touched: set[int] = set()
         self._drained = False
         self.fatal: BaseException | None = None
+        self.turn_started = time.monotonic()  # read by the loop's supervisor: is it stuck?
 
     # ---- called from the event loop thread ---------------------------------------------------
     def submit(self, commands: list[StartQuery | CancelQuery]) -> None:
@@ -120,6 +122,7 @@ class Worker(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stopping.is_set():
+                self.turn_started = time.monotonic()
                 self._turn()
         except BaseException as exc:  # the worker is gone: tell the loop so requests fail fast
             log.exception("worker thread died")

@@ -49,7 +49,16 @@ class ServerState:
 
     @property
     def ready(self) -> bool:
-        return self.engine is not None and self.engine.ready and not self.draining
+        return self.not_ready_reason() is None
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "draining"
+        if self.engine is None or not self.engine.ready:
+            return "loading"
+        if self.engine.worker_failed:
+            return "worker_failed"
+        return None
 
     def engine_for(self) -> Engine:
         """The engine for a request, or ``Overloaded`` (503 + Retry-After) while there is none."""
@@ -111,8 +120,8 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _ready(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    if not state.ready:
-        reason = "draining" if state.draining else "loading"
+    reason = state.not_ready_reason()
+    if reason is not None:
         return json_response({"ready": False, "status": reason}, status=503)
     return json_response({"ready": True, "model": state.model, "kernels": state.kernels})
 
