@@ -22,7 +22,7 @@ from typing import TypeVar
 import uvloop
 from aiohttp import web
 
-from livelm.daemon.config import Config
+from livelm.daemon.config import Config, stray_env_vars
 from livelm.daemon.engine.engine import Engine
 from livelm.daemon.http.server import attach_engine, build_app, server_state, start_draining
 from livelm.daemon.kernels.dispatcher import Binding
@@ -61,6 +61,8 @@ def run(config: Config) -> int:
     setup_logging(config.log_level, config.log_format)
     faulthandler.enable(all_threads=True)  # a watchdog's SIGABRT leaves every thread's stack
     log.info("starting livelm", extra={"config": config.redacted(), "pid": os.getpid()})
+    for var in stray_env_vars(os.environ):
+        log.warning("ignoring environment variable %s", var)
     try:  # device and dtype are checked here, before anything listens
         config.torch_device()
         config.torch_dtype()

@@ -203,6 +203,25 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
     return layer
 
 
+# LIVELM_ variables that are not settings but are read elsewhere (the CLI, the clients, perf/)
+OTHER_ENV_VARS = frozenset({"CONFIG", "HOME", "API_KEY", "URL", "COMMIT"})
+
+
+def stray_env_vars(environ: Mapping[str, str]) -> list[str]:
+    """``LIVELM_`` variables the daemon does not read, each with a hint (likely typos: the
+    daemon warns about them at startup rather than ignoring them in silence)."""
+    stray = []
+    for var in sorted(environ):
+        if not var.startswith(ENV_PREFIX):
+            continue
+        name = var[len(ENV_PREFIX):]
+        if name.lower() not in FIELDS and name not in OTHER_ENV_VARS:
+            close = difflib.get_close_matches(name.lower(), FIELD_NAMES, n=1, cutoff=0.6)
+            hint = f"did you mean {ENV_PREFIX}{close[0].upper()}?" if close else "not a setting"
+            stray.append(f"{var} ({hint})")
+    return stray
+
+
 def _cli_layer(overrides: Mapping[str, Any]) -> Layer:
     layer: Layer = {}
     for key, value in overrides.items():

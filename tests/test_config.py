@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from livelm.daemon.config import FIELDS, Config, load_config
+from livelm.daemon.config import FIELDS, Config, load_config, stray_env_vars
 from livelm.protocol.errors import ConfigError
 
 
@@ -69,6 +69,21 @@ def test_env_values_are_parsed_to_the_field_types() -> None:
 
 def test_unrelated_env_vars_are_ignored() -> None:
     assert load_config({}, None, {"LIVELM_URL": "x", "PORT": "1"}) == Config()
+
+
+def test_stray_livelm_env_vars_are_named_with_a_hint() -> None:
+    environ = {
+        "LIVELM_MAX_BATCH_TOKEN": "4096",  # a typo of LIVELM_MAX_BATCH_TOKENS
+        "LIVELM_PORT": "9000",  # a setting
+        "LIVELM_HOME": "/srv/livelm",  # read elsewhere, not a setting
+        "LIVELM_API_KEY": "k",  # the clients' key
+        "LIVELM_FROBNICATE": "1",
+        "PATH": "/usr/bin",
+    }
+    assert stray_env_vars(environ) == [
+        "LIVELM_FROBNICATE (not a setting)",
+        "LIVELM_MAX_BATCH_TOKEN (did you mean LIVELM_MAX_BATCH_TOKENS?)",
+    ]
 
 
 def test_yaml_keys_may_use_dashes_and_int_for_float(tmp_path: Path) -> None:
