@@ -86,10 +86,51 @@ class WireMetrics:
         return out
 
 
+# seconds: an H200 answers in a few milliseconds, a CPU in tenths of a second
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0
+)
+
+
+class Histogram:
+    """A Prometheus histogram: cumulative counts at fixed upper bounds, their sum and count."""
+
+    def __init__(self, name: str, help_text: str, buckets: tuple[float, ...] = LATENCY_BUCKETS):
+        self.name, self.help_text, self.buckets = name, help_text, buckets
+        self._counts = [0] * len(buckets)
+        self.count = 0
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.sum += value
+        for i, bound in enumerate(self.buckets):
+            if value <= bound:
+                self._counts[i] += 1
+                return
+
+    def lines(self) -> list[str]:
+        out = _header(self.name, "histogram", self.help_text)
+        running = 0
+        for bound, n in zip(self.buckets, self._counts, strict=True):
+            running += n
+            out.append(_sample(f"{self.name}_bucket", running, {"le": _number(bound)}))
+        out.append(_sample(f"{self.name}_bucket", self.count, {"le": "+Inf"}))
+        out.append(_sample(f"{self.name}_sum", self.sum))
+        out.append(_sample(f"{self.name}_count", self.count))
+        return out
+
+
 def render(
-    http: HttpMetrics, engine: Mapping[str, float], *, ready: bool, wire: WireMetrics | None = None
+    http: HttpMetrics,
+    engine: Mapping[str, float],
+    *,
+    ready: bool,
+    wire: WireMetrics | None = None,
+    histograms: Iterable[Histogram] = (),
 ) -> str:
-    """The whole exposition: process gauges, HTTP and wire counters, then the engine's values."""
+    """The whole exposition: process gauges, HTTP and wire counters, then the engine's values
+    and latency histograms."""
     lines = _header("up_seconds", "gauge", "Seconds since the daemon started")
     lines.append(_sample("up_seconds", http.uptime()))
     lines += _header("ready", "gauge", "1 when the model is loaded and the engine runs")
@@ -98,6 +139,8 @@ def render(
     if wire is not None:
         lines += wire.lines()
     lines += engine_lines(engine.items())
+    for histogram in histograms:
+        lines += histogram.lines()
     return "\n".join(lines) + "\n"
 
 

@@ -53,6 +53,38 @@ def test_metrics_exposition(demo_daemon: DaemonProcess) -> None:
             float(value)
 
 
+def histogram_counts(text: str, name: str) -> list[float]:
+    """The cumulative bucket counts of histogram ``name``, then its count."""
+    counts = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+              if line.startswith(f"livelm_{name}_bucket{{")]
+    count = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+             if line.startswith(f"livelm_{name}_count ")]
+    return counts + count
+
+
+def test_latency_histograms_count_pushes_and_answers(demo_daemon: DaemonProcess) -> None:
+    url = demo_daemon.url
+    sid = requests.post(f"{url}/v1/sessions/init", json={"prompt": "Bars.", "template": "raw"},
+                        timeout=TIMEOUT).json()["session_id"]
+    try:
+        before = requests.get(f"{url}/metrics", timeout=TIMEOUT).text
+        for i in range(3):
+            reply = requests.post(f"{url}/v1/sessions/{sid}/stream/push",
+                                  json={"data": [f"bar {i}"]}, timeout=TIMEOUT)
+            assert reply.status_code == 200, reply.text
+        answer = requests.post(f"{url}/v1/sessions/{sid}/generate",
+                               json={"prompt": "Up?", "max_tokens": 3}, timeout=TIMEOUT)
+        assert answer.status_code == 200, answer.text
+        after = requests.get(f"{url}/metrics", timeout=TIMEOUT).text
+    finally:
+        requests.delete(f"{url}/v1/sessions/{sid}", timeout=TIMEOUT)
+    for name, new in (("ingest_seconds", 3), ("first_token_seconds", 1), ("answer_seconds", 1)):
+        counts = histogram_counts(after, name)
+        assert counts == sorted(counts) and counts[-2] == counts[-1]  # cumulative, +Inf = count
+        # the answer saw every push, so all three were ingested by the time it came back
+        assert counts[-1] - histogram_counts(before, name)[-1] >= new, name
+
+
 def test_unknown_route_is_a_json_404(demo_daemon: DaemonProcess) -> None:
     reply = requests.get(f"{demo_daemon.url}/v1/nothing")
     assert reply.status_code == 404

@@ -14,7 +14,7 @@ from aiohttp.test_utils import make_mocked_request
 
 from livelm.daemon.http.errors import classify, error_body
 from livelm.daemon.logs import get_logger, setup_logging
-from livelm.daemon.metrics import HttpMetrics, metric_name, render
+from livelm.daemon.metrics import Histogram, HttpMetrics, metric_name, render
 from livelm.protocol.errors import (
     ContextFull,
     InternalError,
@@ -79,6 +79,24 @@ def test_exposition_format() -> None:
     assert "livelm_kv_free_blocks 1.5" in text and "livelm_bad NaN" in text
     assert "livelm_ready 1" in text
     assert http.count("unmatched", "GET", 404) == 1
+
+
+def test_histogram_exposition_is_cumulative() -> None:
+    histogram = Histogram("first_token_seconds", "first token", buckets=(0.01, 0.1, 1.0))
+    for value in (0.004, 0.01, 0.05, 2.0):
+        histogram.observe(value)
+    text = render(HttpMetrics(), {}, ready=True, histograms=[histogram])
+    lines = text[text.index("# HELP livelm_first_token_seconds"):].splitlines()
+    assert lines == [
+        "# HELP livelm_first_token_seconds first token",
+        "# TYPE livelm_first_token_seconds histogram",
+        'livelm_first_token_seconds_bucket{le="0.01"} 2',  # a bound's own value falls in it
+        'livelm_first_token_seconds_bucket{le="0.1"} 3',
+        'livelm_first_token_seconds_bucket{le="1"} 3',
+        'livelm_first_token_seconds_bucket{le="+Inf"} 4',
+        "livelm_first_token_seconds_sum 2.064",
+        "livelm_first_token_seconds_count 4",
+    ]
 
 
 def test_metric_names_are_sanitized() -> None:

@@ -33,6 +33,7 @@ from livelm.daemon.engine.formats import render_entry
 from livelm.daemon.engine.graphs import StepGraphs
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
 from livelm.daemon.engine.kv_manager import KVManager
+from livelm.daemon.engine.latency import Latency
 from livelm.daemon.engine.layout import build_layout
 from livelm.daemon.engine.query import QueryHandle
 from livelm.daemon.engine.runner import ModelRunner
@@ -141,6 +142,7 @@ class Engine:
         self._ring_space = asyncio.Event()
         self._accepting = True
         self.ready = False
+        self.latency = Latency()
         self.counters = {
             "entries_accepted_total": 0,
             "queries_started_total": 0,
@@ -307,6 +309,7 @@ class Engine:
             ]
             await self._write_records(words)
             session.commit(plan)
+            session.acks.append((session.last_seq, time.monotonic()))
         self.counters["entries_accepted_total"] += len(tokens)
         return PushReply(session_id=session.session_id, seq=session.last_seq, accepted=len(tokens))
 
@@ -509,10 +512,13 @@ class Engine:
         self.loop.call_soon_threadsafe(self._apply_report, report)
 
     def _apply_report(self, report: StepReport) -> None:
+        now = time.monotonic()
         for p in report.progress:
             session = self._by_slot.get(p.slot)
             if session is not None:
                 session.ingested_seq = p.ingested_seq
+                while session.acks and session.acks[0][0] <= p.ingested_seq:
+                    self.latency.ingest.observe(now - session.acks.popleft()[1])
                 session.computed_tokens = p.context_tokens
                 session.pending_tokens = p.pending_tokens
                 session.error = p.error
@@ -527,10 +533,14 @@ class Engine:
                 handle.first_logits = update.first_logits
             if update.done is not None:
                 self.counters["tokens_generated_total"] += update.done.usage.completion_tokens
+            if not handle.answering and (update.tokens or update.done is not None):
+                handle.answering = True
+                self.latency.first_token.observe(now - handle.admitted_at)
             handle.deliver(update.tokens, update.done, update.error)
             if update.done is not None or update.error is not None:
                 del self._inflight[query_id]
                 self.budget.release(blocks)
+                self.latency.answer.observe(now - handle.admitted_at)
         if report.ring_drained:
             self._ring_space.set()
 

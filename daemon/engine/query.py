@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Callable
 
 import torch
@@ -20,6 +21,8 @@ class QueryHandle:
         self._events: asyncio.Queue[TokenEvent | None] = asyncio.Queue()
         self._done: asyncio.Future[DoneReply] = asyncio.get_running_loop().create_future()
         self.first_logits: torch.Tensor | None = None  # set when asked for (tests, diagnostics)
+        self.admitted_at = time.monotonic()
+        self.answering = False  # a first token (or the whole answer) has been delivered
 
     # ---- filled on the loop thread ---------------------------------------------------------
     def deliver(

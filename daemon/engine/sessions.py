@@ -56,6 +56,9 @@ class Session:
     pending_tokens: int = 0
     reserved_blocks: int = 0
     error: str | None = None  # set once the worker failed to compute the session's data
+    # (last seq, monotonic time) of each acknowledged push not yet ingested, for the ingest
+    # latency histogram
+    acks: deque[tuple[int, float]] = field(default_factory=deque)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property

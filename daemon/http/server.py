@@ -128,8 +128,14 @@ async def _ready(request: web.Request) -> web.Response:
 
 async def _metrics(request: web.Request) -> web.Response:
     state = request.app[STATE]
-    engine_values = state.engine.metrics() if state.engine is not None else {}
-    text = render(state.http, engine_values, ready=state.ready, wire=state.wire)
+    engine = state.engine
+    text = render(
+        state.http,
+        engine.metrics() if engine is not None else {},
+        ready=state.ready,
+        wire=state.wire,
+        histograms=engine.latency.histograms() if engine is not None else (),
+    )
     return web.Response(body=text.encode(), headers={"Content-Type": CONTENT_TYPE})
 
 
