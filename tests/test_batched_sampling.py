@@ -53,6 +53,14 @@ def test_frequencies_follow_the_reference_filtered_softmax(setting: tuple[float,
     assert (freq - expected).abs().max().item() < 0.02  # 6 standard errors at 20k draws
 
 
+@pytest.mark.parametrize("sampler", [batched_sampling.sample, torch_ref.sample])
+def test_a_top_p_that_rounds_to_zero_keeps_the_likeliest_token(sampler) -> None:
+    # 1e-46 is a valid top_p in (0, 1] that float32 holds as 0: every token used to be dropped
+    rows = [(1.0, 1e-46, 0), (0.8, 5e-324, 3)]
+    out = sampler(LOGITS.expand(2, -1).contiguous(), batch(rows, [torch.Generator().manual_seed(1)] * 2))
+    assert out.tolist() == [int(LOGITS.argmax())] * 2
+
+
 def test_greedy_rows_take_the_argmax_beside_sampled_rows() -> None:
     torch.manual_seed(3)
     logits = torch.randn(6, 50)

@@ -139,6 +139,17 @@ def test_push_json_ndjson_and_text(demo_daemon: DaemonProcess, session: str) -> 
     assert status["data_seq"] == third.json()["seq"]
 
 
+def test_lines_end_at_newlines_only(demo_daemon: DaemonProcess, session: str) -> None:
+    # U+2028, form feed and U+0085 are line breaks to str.splitlines, not to ndjson or the feed
+    url = f"{demo_daemon.url}/v1/sessions/{session}/stream/push"
+    ndjson = '"a\u2028b"\r\n"c\u0085d"\n'.encode()
+    first = requests.post(url, data=ndjson, headers={"Content-Type": "application/x-ndjson"})
+    assert first.status_code == 200 and first.json()["accepted"] == 2, first.text
+    text = "one\u2028line\x0chere\r\nsecond\n".encode()
+    second = requests.post(url, data=text, headers={"Content-Type": "text/plain"})
+    assert second.status_code == 200 and second.json()["accepted"] == 2, second.text
+
+
 def test_bad_ndjson_line_is_named(demo_daemon: DaemonProcess, session: str) -> None:
     url = f"{demo_daemon.url}/v1/sessions/{session}/stream/push"
     body = b'"ok"\n{not json\n'

@@ -85,6 +85,9 @@ BAD_REQUESTS = [
     ("/v1/sessions/init", {"template": "fancy"}, 400, "template"),
     ("/v1/sessions/init", {"window": -5}, 400, "window"),
     ("/v1/sessions/init", {"session_id": "bad id with spaces"}, 400, "session_id"),
+    ("/v1/sessions/init", {"session_id": "feed\n"}, 400, "session_id"),
+    ("/v1/sessions/init", {"session_id": ".."}, 400, "dots"),
+    ("/v1/sessions/{sid}/generate", {"prompt": "q", "temperature": 1, "seed": 2**64}, 400, "seed"),
     ("/v1/sessions/init", {"prompt": 42}, 400, "prompt"),
 ]
 
@@ -101,6 +104,17 @@ def test_bad_input_gets_a_clear_4xx(demo_daemon: DaemonProcess, path, body, code
     error = reply.json()["error"]
     assert words.lower() in error["message"].lower(), error
     assert status(demo_daemon, sid)["data_seq"] == 0  # the failed request accepted nothing
+
+
+def test_a_top_k_past_the_vocabulary_keeps_every_token(demo_daemon: DaemonProcess) -> None:
+    # 2**63 used to overflow the worker's int64 tensor and kill it (and with it the daemon)
+    sid = open_session(demo_daemon, prompt="Ticks.", template="raw")
+    ask = {"prompt": "Next?", "max_tokens": 4, "temperature": 1.0, "seed": 7}
+    huge = post(demo_daemon, f"/v1/sessions/{sid}/generate", ask | {"top_k": 2**63})
+    assert huge.status_code == 200, huge.text
+    off = post(demo_daemon, f"/v1/sessions/{sid}/generate", ask | {"top_k": 0})
+    assert huge.json()["tokens"] == off.json()["tokens"]
+    assert requests.get(f"{demo_daemon.url}/ready", timeout=TIMEOUT).status_code == 200
 
 
 def test_duplicate_session_id_and_delete(demo_daemon: DaemonProcess) -> None:

@@ -432,6 +432,8 @@ class Engine:
             raise InvalidRequest("top_p must be in (0, 1]")
         if req.top_k < 0:
             raise InvalidRequest("top_k must be 0 (off) or positive")
+        if req.seed is not None and not -(2**63) <= req.seed < 2**64:
+            raise InvalidRequest("seed must fit in 64 bits")
         stop = (req.stop,) if isinstance(req.stop, str) else tuple(req.stop or ())
         if len(stop) > self.config.max_stop_sequences or any(not s or len(s) > 256 for s in stop):
             raise InvalidRequest(
@@ -441,7 +443,7 @@ class Engine:
             max_tokens=req.max_tokens if choices is None else choices.longest,
             temperature=req.temperature,
             top_p=req.top_p,
-            top_k=req.top_k,
+            top_k=0 if req.top_k >= self.model.config.vocab_size else req.top_k,  # keeps all
             seed=req.seed,
             stop=stop,
             eos_ids=self.model.eos_ids,

@@ -12,15 +12,17 @@ from dataclasses import dataclass, field
 from livelm.protocol.errors import InvalidRequest
 from livelm.protocol.messages import StatusReply
 
-_SESSION_ID = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+_SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
 def new_session_id(requested: str | None, taken: dict) -> str:
     if requested is None:
         return "s_" + secrets.token_urlsafe(18)
-    if not _SESSION_ID.match(requested):
+    # dots alone would be path segments that HTTP clients resolve away ("/sessions/../x")
+    if not _SESSION_ID.fullmatch(requested) or not requested.strip("."):
         raise InvalidRequest(
-            "session_id must be 1-128 characters of letters, digits, '_', '-', '.' or ':'"
+            "session_id must be 1-128 characters of letters, digits, '_', '-', '.' or ':', "
+            "not dots alone"
         )
     if requested in taken:
         raise InvalidRequest(f"session {requested!r} already exists")

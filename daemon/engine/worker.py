@@ -34,8 +34,9 @@ log = logging.getLogger("livelm.worker")
 IDLE_WAIT_S = 0.25
 PLACEHOLDER_TOKEN = 0  # stands for a token being drawn on the device while decoding ahead
 # what a step raises when its inputs cannot be computed (device errors, out-of-memory, a token
-# id outside the model's vocabulary); it fails the step's sequences, not the worker
-STEP_ERRORS = (RuntimeError, IndexError, LiveLMError)
+# id outside the model's vocabulary, a setting no tensor can hold); it fails the step's
+# sequences, not the worker
+STEP_ERRORS = (RuntimeError, IndexError, OverflowError, ValueError, LiveLMError)
 
 
 @dataclass(frozen=True)

@@ -45,13 +45,16 @@ def decode_json(body: bytes, kind: type[T]) -> T:
 
 
 def decode_lines(body: bytes, as_json: bool) -> list[Any]:
-    """One entry per non-empty line: a JSON value (ndjson) or the line's text (text/plain)."""
+    """One entry per non-empty line: a JSON value (ndjson) or the line's text (text/plain).
+    Lines end at "\n" (or "\r\n") only: U+2028 and the other separators ``str.splitlines``
+    knows may sit inside a JSON string or a line of text."""
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InvalidRequest(f"request body is not UTF-8: {exc}") from exc
     entries: list[Any] = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    for number, raw in enumerate(text.split("\n"), start=1):
+        line = raw.removesuffix("\r")
         if not line.strip():
             continue
         if not as_json:

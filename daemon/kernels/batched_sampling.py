@@ -42,6 +42,7 @@ def _filtered(scaled: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) ->
     values = values.masked_fill(use_k[:, None] & (values < kth), float("-inf"))
     probs = values.softmax(dim=-1)
     drop = (probs.cumsum(dim=-1) - probs >= top_p[:, None]) & (top_p < 1.0)[:, None]
+    drop[:, 0] = False  # the likeliest token stays, even for a top_p that rounds to 0
     return torch.empty_like(scaled).scatter_(1, order, values.masked_fill(drop, float("-inf")))
 
 

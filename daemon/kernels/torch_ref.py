@@ -114,7 +114,8 @@ def _filter_top_p(logits: torch.Tensor, p: float) -> torch.Tensor:
         return logits
     sorted_logits, order = torch.sort(logits, descending=True)
     cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
-    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= p  # keeps the first token
+    drop_sorted = cumulative - torch.softmax(sorted_logits, dim=-1) >= p
+    drop_sorted[0] = False  # the likeliest token stays, even for a p that rounds to 0
     drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
     return logits.masked_fill(drop, float("-inf"))
 
