@@ -57,6 +57,18 @@ def _text(message: anthropic.types.Message) -> str:
     return "".join(block.text for block in message.content if block.type == "text")
 
 
+def test_models_in_anthropics_shape(client: anthropic.Anthropic) -> None:
+    (model,) = client.models.list().data
+    assert (model.id, model.type, model.display_name) == ("demo", "model", "demo")
+    assert client.models.retrieve("demo").id == "demo"
+
+
+def test_a_prompt_past_the_context_is_too_long(client: anthropic.Anthropic) -> None:
+    long = [{"role": "user", "content": "tick " * 9000}]  # the demo model's context is 8192
+    with pytest.raises(anthropic.BadRequestError, match="prompt is too long"):
+        client.messages.create(model="demo", messages=long, max_tokens=4)
+
+
 def test_message_equals_the_openai_chat_answer(client, demo_daemon: DaemonProcess) -> None:
     system = "You watch markets."
     message = _greedy(client, system=system, max_tokens=10)

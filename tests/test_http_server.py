@@ -203,6 +203,9 @@ def test_api_key_is_required(strict_daemon: DaemonProcess) -> None:
     assert requests.post(url, json={}, headers={"Authorization": "Bearer nope"}).status_code == 401
     assert requests.post(url, json={}, headers={"Authorization": "Bearer k2"}).status_code == 200
     assert requests.post(url, json={}, headers={"x-api-key": "k1"}).status_code == 200
+    # a proxy's bearer token beside the daemon's key in x-api-key
+    both = {"Authorization": "Bearer proxy-token", "x-api-key": "k2"}
+    assert requests.post(url, json={}, headers=both).status_code == 200
     assert requests.get(f"{strict_daemon.url}/health").status_code == 200  # probes stay open
 
 

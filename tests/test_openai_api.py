@@ -8,6 +8,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import requests
 
 from livelm.daemon.model.demo import ensure_demo_model
 from tests.compat_helpers import (
@@ -47,6 +48,19 @@ def _greedy(client: openai.OpenAI, **kw) -> openai.types.chat.ChatCompletion:
 
 def test_models_lists_the_served_model(client: openai.OpenAI) -> None:
     assert [m.id for m in client.models.list().data] == ["demo"]
+    assert client.models.retrieve("demo").id == "demo"
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.models.retrieve("gpt-4o")
+    assert caught.value.response.json()["error"]["code"] == "model_not_found"
+
+
+def test_a_prompt_past_the_context_says_so_in_openais_words(client: openai.OpenAI) -> None:
+    long = [{"role": "user", "content": "tick " * 9000}]  # the demo model's context is 8192
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="demo", messages=long, max_tokens=4)
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "context_length_exceeded"
+    assert error["message"].startswith("prompt is too long: ")
 
 
 def test_chat_equals_a_completion_of_transformers_template_tokens(
@@ -182,6 +196,13 @@ def test_max_tokens_and_max_completion_tokens_cut_with_length(client: openai.Ope
         assert reply.usage.completion_tokens == 3
 
 
+def test_a_completions_max_tokens_of_null_means_openais_default(demo_daemon) -> None:
+    body = {"model": "demo", "prompt": "Once upon", "temperature": 0, "max_tokens": None}
+    reply = requests.post(f"{demo_daemon.url}/v1/completions", json=body, timeout=60).json()
+    assert reply["usage"]["completion_tokens"] == 16, reply
+    assert reply["choices"][0]["finish_reason"] == "length"
+
+
 def test_a_large_max_tokens_is_clamped_to_the_daemons_limit(client, tmp_path) -> None:
     """A max_tokens above the daemon's max_new_tokens ends the answer there (``length``)."""
     expected = _greedy(client, messages=QUESTION, max_tokens=CAP).choices[0].message.content
@@ -225,6 +246,12 @@ def test_a_repeated_prompt_reuses_cached_tokens(client: openai.OpenAI) -> None:
         ({"messages": [{"role": "wizard", "content": "hi"}]}, "role"),
         ({"logprobs": True}, "logprobs"),
         ({"tool_choice": "required", "tools": [WEATHER_TOOL]}, "tool_choice"),
+        ({"top_logprobs": 2}, "logprobs"),
+        ({"response_format": {"type": "json_object"}}, "json_object"),
+        ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "json_schema"),
+        ({"frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"presence_penalty": -1}, "presence_penalty"),
+        ({"logit_bias": {"42": 5}}, "logit_bias"),
     ],
 )
 def test_bad_requests_raise_bad_request_error(client: openai.OpenAI, kw: dict, words: str) -> None:
@@ -251,6 +278,12 @@ def test_unknown_fields_are_ignored(client: openai.OpenAI) -> None:
     extra = {"frobnicate": True, "user": "me", "metadata": {"a": "b"}}
     reply = _greedy(client, messages=QUESTION, max_tokens=5, extra_body=extra)
     assert reply.choices[0].message.content == plain.choices[0].message.content
+    # settings at the values that change nothing are accepted
+    neutral = _greedy(
+        client, messages=QUESTION, max_tokens=5, response_format={"type": "text"},
+        frequency_penalty=0, presence_penalty=0, logit_bias={}, parallel_tool_calls=True,
+    )
+    assert neutral.choices[0].message.content == plain.choices[0].message.content
 
 
 def test_api_key_is_checked_in_openai_shape(scripted: DaemonProcess) -> None:

@@ -1,12 +1,18 @@
 """KV-block admission on the event loop: work is accepted only when its blocks are there.
 
 The worker then never runs out of blocks mid-step; a push that does not fit is refused
-before it is acknowledged, and a query that does not fit is told to retry.
+before it is acknowledged, and a query that does not fit is told to retry, or, when live
+sessions hold so much that it could never fit, that the cache is full. Sessions never take the
+last ``query_reserve`` blocks, so a query on a full session still runs.
 """
 
 from __future__ import annotations
 
 from livelm.protocol.errors import ContextFull, Overloaded
+
+# blocks that live sessions may not take, so that a query on a full session still fits: room
+# for this many tokens, or an eighth of a small pool
+QUERY_RESERVE_TOKENS = 4096
 
 
 class BlockBudget:
@@ -14,6 +20,8 @@ class BlockBudget:
         self.total = total_blocks
         self.block_size = block_size
         self.reserved = 0
+        self.held_by_sessions = 0  # of ``reserved``: live sessions' blocks, which only a close frees
+        self.query_reserve = min(self.blocks_for(QUERY_RESERVE_TOKENS) + 1, total_blocks // 8)
 
     @property
     def available(self) -> int:
@@ -29,6 +37,7 @@ class BlockBudget:
         return self.blocks_for(context_tokens % self.block_size + new_tokens) + 1
 
     def grow_session(self, current: int, needed: int) -> None:
+        """For blocks that can be taken back (kept conversations): up to the whole pool."""
         if needed - current > self.available:
             raise ContextFull(
                 f"the KV cache is full: this needs {needed - current} more blocks of "
@@ -37,7 +46,30 @@ class BlockBudget:
             )
         self.reserved += needed - current
 
+    def grow_live_session(self, current: int, needed: int) -> None:
+        """For a live session's blocks: never into the part of the pool kept for queries."""
+        room = self.total - self.query_reserve - self.held_by_sessions
+        if needed - current > room:
+            raise ContextFull(
+                f"the KV cache is full: this needs {needed - current} more blocks of "
+                f"{self.block_size} tokens; sessions hold {self.held_by_sessions} of "
+                f"{self.total} and {self.query_reserve} stay free for queries; close sessions "
+                "or use smaller windows"
+            )
+        self.grow_session(current, needed)
+        self.held_by_sessions += needed - current
+
+    def release_live_session(self, blocks: int) -> None:
+        self.held_by_sessions -= blocks
+        self.release(blocks)
+
     def reserve_query(self, blocks: int) -> None:
+        if blocks > self.total - self.held_by_sessions:  # waiting would not help
+            raise ContextFull(
+                f"the query needs {blocks} blocks of {self.block_size} tokens and sessions "
+                f"hold {self.held_by_sessions} of the cache's {self.total}; ask for fewer "
+                "tokens, or close sessions"
+            )
         if blocks > self.available:
             raise Overloaded(
                 f"the KV cache is busy: the query needs {blocks} blocks, {self.available} free",

@@ -124,6 +124,7 @@ class Engine:
         self.sessions: dict[str, Session] = {}
         self._by_slot: dict[int, Session] = {}
         self._slots = SlotAllocator()
+        self._opening: set[str] = set()  # ids of sessions whose init is under way
         self._query_ids = itertools.count(1)
         self._inflight: dict[int, tuple[QueryHandle, int]] = {}
         self._commands: list[StartQuery | CancelQuery] = []  # for the worker, sent once a loop turn
@@ -169,6 +170,8 @@ class Engine:
         )
 
     async def stop(self, drain_timeout: float) -> None:
+        if self.ring.closed:  # stopped already
+            return
         self._accepting = False
         self.ready = False
         for board in self._flash.values():
@@ -176,14 +179,29 @@ class Engine:
         deadline = self.loop.time() + drain_timeout
         while self._inflight and self.loop.time() < deadline:
             await asyncio.sleep(0.02)
-        for handle, _ in list(self._inflight.values()):
-            handle.cancel()
+        self._end_unfinished()
         self.worker.stop()
         await self.loop.run_in_executor(None, self.worker.join, 10.0)
         if self.config.gc_freeze:
             gc.unfreeze()  # what this engine held may be collected again
         if not self.worker.is_alive():
             self.ring.close()
+
+    def _end_unfinished(self) -> None:
+        """Queries still running when the drain ends: each client gets an error (retry
+        elsewhere or later) rather than a connection dropped mid-answer, and the worker is
+        told to drop them in the same turn (sent now: it stops right after)."""
+        unfinished = list(self._inflight.items())
+        self._inflight.clear()
+        shutdown = Overloaded(
+            "the daemon shut down before this answer finished", retry_after=5.0
+        )
+        for query_id, (handle, blocks) in unfinished:
+            self._commands.append(CancelQuery(query_id))
+            handle.deliver([], None, shutdown)
+            self.budget.release(blocks)
+        if self._commands:
+            self._send_commands()
 
     @property
     def worker_failed(self) -> bool:
@@ -198,9 +216,18 @@ class Engine:
     # ---- sessions ----------------------------------------------------------------------------
     async def init_session(self, req: InitRequest) -> SessionReply:
         self._check_accepting()
-        if len(self.sessions) >= self.config.max_sessions:
+        if len(self.sessions) + len(self._opening) >= self.config.max_sessions:
             raise Overloaded(f"the daemon holds its limit of {self.config.max_sessions} sessions")
-        session_id = new_session_id(req.session_id, self.sessions)
+        session_id = new_session_id(req.session_id, self.sessions.keys() | self._opening)
+        # held from here to the session's insertion: an init of the same id that arrives during
+        # this one's awaits is refused, and the session limit counts this one
+        self._opening.add(session_id)
+        try:
+            return await self._open_session(session_id, req)
+        finally:
+            self._opening.discard(session_id)
+
+    async def _open_session(self, session_id: str, req: InitRequest) -> SessionReply:
         window = self._window(req.window)
         if req.template == "chat" and self.tokenizer.chat_template is None:
             raise InvalidRequest("this model has no chat template; use template 'raw'")
@@ -217,7 +244,7 @@ class Engine:
             self._check_flash_spec(spec, layout.question_suffix, f"flash[{i}].")
         blocks = self.budget.session_blocks(len(layout.opening))
         await self.conversations.make_room(blocks)
-        self.budget.grow_session(0, blocks)
+        self.budget.grow_live_session(0, blocks)
         session = Session(
             session_id=session_id,
             slot=self._slots.take(),
@@ -229,9 +256,13 @@ class Engine:
             low_water=self.config.window_low_water,
             reserved_blocks=blocks,
         )
-        await self._write_records(
-            [records.encode(records.Kind.OPEN, session.slot, 0, layout.opening)]
-        )
+        try:  # one record: if this raises (or is cancelled), it was not written
+            await self._write_records(
+                [records.encode(records.Kind.OPEN, session.slot, 0, layout.opening)]
+            )
+        except BaseException:
+            self.budget.release_live_session(blocks)
+            raise
         self.sessions[session_id] = session
         self._by_slot[session.slot] = session
         board = self._open_flash_board(session_id)
@@ -262,8 +293,13 @@ class Engine:
                 raise UnknownSession(f"unknown session {session_id!r}")
             del self.sessions[session_id]
             self._flash.pop(session_id).close()
-            await self._write_records([records.encode(records.Kind.CLOSE, session.slot)])
-            self.budget.release(session.reserved_blocks)
+            # shielded: a client gone mid-close must not leave the worker holding the session
+            # while its blocks count as free (or the other way round)
+            await asyncio.shield(self._write_close(session))
+
+    async def _write_close(self, session: Session) -> None:
+        await self._write_records([records.encode(records.Kind.CLOSE, session.slot)])
+        self.budget.release_live_session(session.reserved_blocks)
 
     def _session(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -298,7 +334,7 @@ class Engine:
             needed = self.budget.session_blocks(session.opening_tokens + plan.data_tokens)
             if needed > session.reserved_blocks:
                 await self.conversations.make_room(needed - session.reserved_blocks)
-                self.budget.grow_session(session.reserved_blocks, needed)
+                self.budget.grow_live_session(session.reserved_blocks, needed)
                 session.reserved_blocks = needed
             words = []
             if plan.first_kept_seq is not None:
@@ -460,7 +496,8 @@ class Engine:
 
     def _send_commands(self) -> None:
         commands, self._commands = self._commands, []
-        self.worker.submit(commands)
+        if commands and not self.ring.closed:  # after stop() the worker and its ring are gone
+            self.worker.submit(commands)
 
     # ---- flash queries and events -----------------------------------------------------------
     async def register_flash(self, session_id: str, spec: FlashSpec) -> FlashRegistered:

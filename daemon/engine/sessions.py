@@ -7,6 +7,7 @@ import itertools
 import re
 import secrets
 from collections import deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 
 from livelm.protocol.errors import InvalidRequest
@@ -15,7 +16,7 @@ from livelm.protocol.messages import StatusReply
 _SESSION_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 
 
-def new_session_id(requested: str | None, taken: dict) -> str:
+def new_session_id(requested: str | None, taken: Container[str]) -> str:
     if requested is None:
         return "s_" + secrets.token_urlsafe(18)
     # dots alone would be path segments that HTTP clients resolve away ("/sessions/../x")
@@ -98,13 +99,23 @@ class Session:
         self.data_tokens = plan.data_tokens
         self.last_seq = plan.last_seq
 
+    def _tokens_after(self, seq: int) -> int:
+        """Tokens of the retained entries past ``seq``: accepted data the worker's own count
+        misses while it is still in the ring."""
+        total = 0
+        for entry_seq, tokens in reversed(self.entries):
+            if entry_seq <= seq:
+                break
+            total += tokens
+        return total
+
     def status(self) -> StatusReply:
         return StatusReply(
             session_id=self.session_id,
             data_seq=self.last_seq,
             ingested_seq=self.ingested_seq,
             context_tokens=self.computed_tokens,
-            pending_tokens=self.pending_tokens,
+            pending_tokens=max(self.pending_tokens, self._tokens_after(self.ingested_seq)),
             window=self.window,
             prompt_tokens=self.opening_tokens,
             entries=len(self.entries),

@@ -46,6 +46,7 @@ class Served:
                 404,
                 ErrorCode.INVALID_REQUEST,
                 f"the model {requested_model!r} does not exist; this server serves {name!r}",
+                openai_code="model_not_found",
             )
         return engine
 
@@ -75,9 +76,13 @@ def generate_request(engine: Engine, prompt_tokens: int, sampling: Sampling) -> 
         raise InvalidRequest(f"max_tokens must be a positive integer, got {sampling.max_tokens}")
     room = min(engine.config.max_new_tokens, engine.max_context - prompt_tokens)
     if room < 1:
-        raise InvalidRequest(
-            f"the prompt takes {prompt_tokens} tokens, the model's whole context of "
-            f"{engine.max_context}"
+        # the words and code that agent clients look for before they compact a conversation
+        raise HttpError(
+            400,
+            ErrorCode.INVALID_REQUEST,
+            f"prompt is too long: {prompt_tokens} tokens > {engine.max_context - 1} maximum "
+            f"(the model's context is {engine.max_context} tokens, one of them for the answer)",
+            openai_code="context_length_exceeded",
         )
     max_tokens = room if sampling.max_tokens is None else min(sampling.max_tokens, room)
     temperature = sampling.temperature

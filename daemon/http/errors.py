@@ -59,12 +59,15 @@ class HttpError(Exception):
         code: ErrorCode,
         message: str,
         headers: dict[str, str] | None = None,
+        *,
+        openai_code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
         self.headers = headers or {}
+        self.openai_code = openai_code  # the code OpenAI's clients look for, under its paths
 
 
 def classify(exc: BaseException, request: web.BaseRequest) -> HttpError:
@@ -118,6 +121,7 @@ def error_body(error: HttpError, path: str) -> bytes:
     body = {"message": error.message, "type": kind, "code": error.code.value}
     if path.startswith(OPENAI_PREFIXES):
         body["param"] = None  # OpenAI's shape names the field; our messages do that instead
+        body["code"] = error.openai_code or body["code"]
     return msgspec.json.encode({"error": body})
 
 

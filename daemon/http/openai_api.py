@@ -46,13 +46,20 @@ class OpenAIRoutes:
             web.post("/v1/chat/completions", self.chat_completions),
             web.post("/v1/completions", self.completions),
             web.get("/v1/models", self.models),
+            web.get("/v1/models/{model}", self.model),
         ]
 
     async def models(self, request: web.Request) -> web.Response:
         self.served.engine_for()  # 503 while the model loads, as every other route
         name = self.served.model_name()
-        model = {"id": name, "object": "model", "created": 0, "owned_by": "livelm"}
-        return json_response({"object": "list", "data": [model]})
+        # OpenAI's list, with the paging fields Anthropic's SDK reads
+        body = {"object": "list", "data": [_model_object(name)], "has_more": False}
+        return json_response(body | {"first_id": name, "last_id": name})
+
+    async def model(self, request: web.Request) -> web.Response:
+        self.served.engine(request.match_info["model"])  # 404 for any other name
+        return json_response(_model_object(self.served.model_name()))
+
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -63,11 +70,13 @@ class OpenAIRoutes:
         fmt = compat.answer_tool_format(engine, req.parses_tools)
         completion = await compat.start_completion(engine, tokens, sampling, req.session_id)
         reply = _Reply("chatcmpl-", req.model, completion)
+        single = req.parallel_tool_calls is False
         if req.stream:
-            shape = _ChatChunks(reply, fmt, req.include_usage)
+            shape = _ChatChunks(reply, fmt, req.include_usage, single_call=single)
             return await stream_answer(request, completion.handle, shape)
         done = await compat.handle_result(completion.handle)
-        return json_response(reply.chat_body(done, parse_answer(done.text, fmt)))
+        parsed = _calls_allowed(parse_answer(done.text, fmt), single)
+        return json_response(reply.chat_body(done, parsed))
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         body = await request.read()
@@ -183,13 +192,23 @@ def _tool_call(call: ToolCall, index: int | None = None) -> dict[str, Any]:
     }
 
 
+def _calls_allowed(parsed: ParsedAnswer, single: bool) -> ParsedAnswer:
+    """``parallel_tool_calls: false``: the answer's first call, the others dropped."""
+    if single and len(parsed.tool_calls) > 1:
+        return ParsedAnswer(parsed.content, parsed.tool_calls[:1])
+    return parsed
+
+
 # ---- streaming --------------------------------------------------------------------------------
 class _ChatChunks:
     """The chunks of a streamed chat completion."""
 
-    def __init__(self, reply: _Reply, fmt: ToolFormat | None, include_usage: bool) -> None:
+    def __init__(
+        self, reply: _Reply, fmt: ToolFormat | None, include_usage: bool, *, single_call: bool
+    ) -> None:
         self.reply, self.include_usage = reply, include_usage
         self.tools = ToolStream(fmt)
+        self.single_call = single_call
 
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
         choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
@@ -204,7 +223,7 @@ class _ChatChunks:
         return [self._chunk({"content": shown})] if shown else []
 
     def end(self, done: DoneReply) -> list[bytes]:
-        parsed = self.tools.finish()
+        parsed = _calls_allowed(self.tools.finish(), self.single_call)
         chunks = [self._chunk({"content": parsed.content})] if parsed.content else []
         chunks += [
             self._chunk({"tool_calls": [_tool_call(call, i)]})
@@ -246,3 +265,10 @@ class _TextChunks:
 
     def error(self, body: bytes) -> bytes:
         return b"data: " + body + b"\n\n"
+
+
+def _model_object(name: str) -> dict[str, Any]:
+    """The served model in OpenAI's shape and Anthropic's at once (their fields differ)."""
+    openai_fields = {"id": name, "object": "model", "created": 0, "owned_by": "livelm"}
+    anthropic_fields = {"type": "model", "display_name": name, "created_at": "1970-01-01T00:00:00Z"}
+    return openai_fields | anthropic_fields

@@ -1,6 +1,7 @@
 """OpenAI request bodies (chat completions, completions) and their conversion into the
 conversation ``daemon/model/chat.py`` renders. Unknown fields are ignored; fields we cannot
-honour (``n`` > 1, ``logprobs``, forced tool choice, images, ``echo``…) are refused clearly.
+honour (``n`` > 1, ``logprobs``, forced tool choice, ``response_format`` other than text,
+penalties, ``logit_bias``, images, ``echo``…) are refused clearly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import msgspec
 from livelm.daemon.http.compat import Sampling, stop_list
 from livelm.daemon.model import chat
 from livelm.protocol.errors import InvalidRequest
+
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class TextPart(msgspec.Struct, kw_only=True):
@@ -100,14 +103,21 @@ class ChatCompletionRequest(_Sampled, kw_only=True):
     max_completion_tokens: int | None = None
     tools: list[ToolDef] | None = None
     tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None  # false: the first call only
     logprobs: bool | None = None
+    top_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
 
     def sampling(self) -> Sampling:
         self.check_common()
-        if self.logprobs:
+        if self.logprobs or self.top_logprobs:
             raise InvalidRequest("logprobs are not supported by this server")
         if self.tool_choice not in (None, "auto", "none"):
             raise InvalidRequest('tool_choice must be "auto" or "none" on this server')
+        self._check_unsupported()
         limit = self.max_completion_tokens if self.max_completion_tokens is not None else None
         return Sampling(
             max_tokens=limit if limit is not None else self.max_tokens,
@@ -122,10 +132,25 @@ class ChatCompletionRequest(_Sampled, kw_only=True):
     def parses_tools(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
 
+    def _check_unsupported(self) -> None:
+        """Settings that would change the answer and that this server cannot apply: refused
+        rather than ignored, so that a client never takes an unconstrained answer for one."""
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise InvalidRequest(
+                f"response_format {kind!r} is not supported by this server (no constrained "
+                'decoding); use {"type": "text"} or leave it out'
+            )
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise InvalidRequest(f"{name} is not supported by this server; leave it at 0")
+        if self.logit_bias:
+            raise InvalidRequest("logit_bias is not supported by this server")
+
 
 class CompletionRequest(_Sampled, kw_only=True):
     prompt: str | list[Any]  # a text, a list of one text, or token ids
-    max_tokens: int | None = 16  # OpenAI's default for this endpoint
+    max_tokens: int | None = COMPLETION_MAX_TOKENS  # an explicit null means it too
     echo: bool | None = False
     best_of: int | None = None
     logprobs: int | None = None
@@ -142,7 +167,7 @@ class CompletionRequest(_Sampled, kw_only=True):
         if self.suffix:
             raise InvalidRequest("suffix is not supported by this server")
         return Sampling(
-            max_tokens=self.max_tokens,
+            max_tokens=COMPLETION_MAX_TOKENS if self.max_tokens is None else self.max_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,

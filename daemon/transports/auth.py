@@ -25,8 +25,8 @@ class KeyCheck:
         return any(results)
 
     def headers_match(self, headers: Mapping[str, str]) -> bool:
-        """``Authorization: Bearer KEY`` or ``x-api-key: KEY``, as on the HTTP routes."""
+        """``Authorization: Bearer KEY`` or ``x-api-key: KEY``, as on the HTTP routes: either
+        one may hold the key (Anthropic's SDK sends ``x-api-key`` beside a proxy's bearer)."""
         auth = headers.get("Authorization", "")
-        if auth[:7].lower() == "bearer ":
-            return self.matches(auth[7:])
-        return self.matches(headers.get("x-api-key"))
+        bearer = auth[7:] if auth[:7].lower() == "bearer " else None
+        return self.matches(bearer) or self.matches(headers.get("x-api-key"))

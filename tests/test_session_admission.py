@@ -1,0 +1,138 @@
+"""Session admission on a real engine: concurrent inits of one id, the session limit under
+concurrency, and the part of the KV pool that sessions leave to queries."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from livelm.daemon.engine.admission import BlockBudget
+from livelm.daemon.engine.engine import Engine
+from livelm.daemon.model.demo import ensure_demo_model
+from livelm.protocol.errors import ContextFull, InvalidRequest, Overloaded
+from livelm.protocol.messages import GenerateRequest, InitRequest
+from tests.engine_harness import loaded, run_engine
+
+# long enough that the engine tokenizes it on a thread (its init then yields to the loop), and
+# about 6k tokens of the demo tokenizer, within its 8k context
+LONG_PROMPT = "ab " * 6000
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ensure_demo_model(tmp_path_factory.mktemp("demo"))
+
+
+def test_concurrent_inits_of_one_id_open_it_once(demo_folder: Path, tmp_path: Path) -> None:
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        init = InitRequest(prompt=LONG_PROMPT, template="raw", session_id="desk")
+        results = await asyncio.gather(
+            engine.init_session(init), engine.init_session(init), return_exceptions=True
+        )
+        opened = len(engine.sessions)
+        await engine.close_session("desk")
+        return results, opened, engine.budget.reserved, engine.budget.held_by_sessions
+
+    results, opened, reserved, held = run_engine(model, scenario, kv_cache_tokens=32768)
+    refused = [r for r in results if isinstance(r, BaseException)]
+    assert len(refused) == 1 and isinstance(refused[0], InvalidRequest), results
+    assert "already exists" in str(refused[0])
+    assert opened == 1
+    assert (reserved, held) == (0, 0)  # nothing is left behind once it is closed
+
+
+def test_the_session_limit_holds_under_concurrent_inits(demo_folder: Path, tmp_path: Path) -> None:
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        init = InitRequest(prompt=LONG_PROMPT, template="raw")
+        results = await asyncio.gather(
+            *(engine.init_session(init) for _ in range(3)), return_exceptions=True
+        )
+        return results, len(engine.sessions)
+
+    results, opened = run_engine(model, scenario, kv_cache_tokens=32768, max_sessions=2)
+    assert opened == 2
+    assert [type(r) for r in results].count(Overloaded) == 1, results
+
+
+def test_a_session_that_filled_the_cache_can_still_be_asked(
+    demo_folder: Path, tmp_path: Path
+) -> None:
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        # a window of the whole context: the default leaves an eighth for questions, this
+        # session's data alone would take every block
+        init = InitRequest(prompt="Feed.", template="raw", window=engine.max_context)
+        sid = (await engine.init_session(init)).session_id
+        entries = [f"tick {i} price {100 + i} volume {i * 7}" for i in range(8)]
+        pushes = 0
+        with pytest.raises(ContextFull, match="stay free for queries"):
+            for _ in range(200):
+                await engine.push(sid, entries)
+                pushes += 1
+        answer = await engine.generate(sid, GenerateRequest(prompt="Last?", max_tokens=4)).result()
+        return pushes, answer, engine.status(sid)
+
+    pushes, answer, status = run_engine(model, scenario, kv_cache_tokens=2048)
+    assert pushes > 3  # the pool did fill from data
+    assert answer.tokens and answer.data_seq == status.data_seq == pushes * 8
+
+
+def test_a_query_that_sessions_leave_no_room_for_is_not_told_to_retry() -> None:
+    budget = BlockBudget(total_blocks=100, block_size=16)
+    assert budget.query_reserve == 12  # an eighth of a small pool
+    budget.grow_live_session(0, 80)
+    with pytest.raises(ContextFull, match="stay free for queries"):
+        budget.grow_live_session(80, 89)
+    budget.grow_session(0, 10)  # a kept conversation may use the reserve: it can be evicted
+    with pytest.raises(Overloaded):  # 10 free now, 20 once the conversation goes
+        budget.reserve_query(15)
+    with pytest.raises(ContextFull, match="ask for fewer tokens"):  # waiting never gives 21
+        budget.reserve_query(21)
+    budget.release(10)
+    budget.reserve_query(15)
+    budget.release_live_session(80)
+    assert (budget.reserved, budget.held_by_sessions) == (15, 0)
+
+
+def test_status_counts_accepted_data_not_yet_ingested(demo_folder: Path, tmp_path: Path) -> None:
+    model = loaded(demo_folder, tmp_path)
+    entries = [f"tick {i} price {100 + i} volume {i * 7} side buy venue X" for i in range(40)]
+    entry_tokens = sum(len(t) for t in model.tokenizer.encode_batch(entries))
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt="Feed.", template="raw"))).session_id
+        await engine.push(sid, entries)
+        early = engine.status(sid)  # the worker's reports have not reached the loop yet
+        await engine.generate(sid, GenerateRequest(prompt="Last?", max_tokens=1)).result()
+        return early, engine.status(sid)
+
+    early, late = run_engine(model, scenario)  # 64-token steps: ingesting takes many
+    assert early.data_seq == 40 and early.ingested_seq == 0
+    assert early.pending_tokens >= entry_tokens  # it read 0 while the data sat in the ring
+    assert late.ingested_seq == 40 and late.pending_tokens == 0
+
+
+def test_answers_unfinished_at_the_drains_end_get_an_error(
+    demo_folder: Path, tmp_path: Path
+) -> None:
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt="Feed.", template="raw"))).session_id
+        handle = engine.generate(sid, GenerateRequest(prompt="Tell a story.", max_tokens=1000))
+        first = await anext(aiter(handle))  # the answer is under way
+        await engine.stop(drain_timeout=0.0)  # no time to finish 1000 tokens
+        with pytest.raises(Overloaded, match="shut down before this answer finished"):
+            await asyncio.wait_for(handle.result(), 10.0)
+        return first, engine.budget.reserved - engine.budget.held_by_sessions
+
+    first, query_blocks = run_engine(model, scenario)
+    assert first.text is not None
+    assert query_blocks == 0  # the query's blocks were given back
