@@ -40,7 +40,10 @@ number = st.one_of(
 )
 ohlcv = st.fixed_dictionaries(
     {
-        "t": st.one_of(st.integers(0, 2**40), st.text(max_size=20)),
+        "t": st.one_of(
+            st.integers(0, 2**40),
+            st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\n\r"), max_size=20),
+        ),
         "o": number,
         "h": number,
         "l": number,

@@ -69,21 +69,35 @@ def _render_ohlcv(entry: Any, index: int) -> str:
         symbol = None
     elif isinstance(entry, dict):
         values = {f: _pick(entry, names, f"{where}.{f}") for f, names in _OHLCV_FIELDS.items()}
-        symbol = next((entry[k] for k in _SYMBOL_KEYS if k in entry), None)
+        symbol = _pick(entry, _SYMBOL_KEYS, f"{where}.symbol", required=False)
     else:
         raise InvalidRequest(f"{where}: format 'ohlcv' takes objects or 6-value lists")
-    t = values["t"] if isinstance(values["t"], str) else _number(values["t"], f"{where}.t")
-    parts = [str(symbol)] if symbol is not None else []
-    parts.append(t)
+    parts = [] if symbol is None else [_label(symbol, f"{where}.symbol")]
+    parts.append(_label(values["t"], f"{where}.t"))
     parts += [f"{f}={_number(values[f], f'{where}.{f}')}" for f in "ohlcv"]
     return " ".join(parts)
 
 
-def _pick(entry: dict, names: tuple[str, ...], where: str) -> Any:
-    for name in names:
-        if name in entry:
-            return entry[name]
-    raise InvalidRequest(f"{where}: missing (accepted keys: {', '.join(names)})")
+def _label(value: Any, where: str) -> str:
+    """A time or a symbol: a one-line string, or a number."""
+    if isinstance(value, str):
+        if "\n" in value or "\r" in value:
+            raise InvalidRequest(f"{where}: must be one line (a record renders as one line)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRequest(f"{where}: expected a string or a number, got {_kind(value)}")
+    return _number(value, where)
+
+
+def _pick(entry: dict, names: tuple[str, ...], where: str, required: bool = True) -> Any:
+    present = [name for name in names if name in entry]
+    if len(present) > 1:
+        raise InvalidRequest(f"{where}: given as {' and '.join(present)}; give one of them")
+    if present:
+        return entry[present[0]]
+    if required:
+        raise InvalidRequest(f"{where}: missing (accepted keys: {', '.join(names)})")
+    return None
 
 
 def _render_kv(entry: Any, index: int) -> str:
@@ -93,6 +107,8 @@ def _render_kv(entry: Any, index: int) -> str:
 
 
 def _scalar(value: Any) -> str:
-    if isinstance(value, str):
+    """A string as it is, unless a line break would split the record (then quoted as JSON,
+    which escapes it); anything else as compact JSON."""
+    if isinstance(value, str) and "\n" not in value and "\r" not in value:
         return value
     return _json.encode(value).decode()
