@@ -250,12 +250,14 @@ class Codec:
         except msgspec.DecodeError as exc:
             kind = "MessagePack" if self.binary else "JSON"
             raise InvalidRequest(f"invalid message: not a {kind} map: {exc}") from exc
+        except RecursionError as exc:
+            raise InvalidRequest("invalid message: its values are nested too deeply") from exc
 
     def request_id(self, payload: bytes) -> int | None:
         """The ``id`` of a message that failed to decode, if it has a usable one."""
         try:
             value = self._any.decode(payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):
             return None
         if not isinstance(value, dict):
             return None

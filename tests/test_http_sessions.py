@@ -86,6 +86,8 @@ BAD_REQUESTS = [
     ("/v1/sessions/init", {"window": -5}, 400, "window"),
     ("/v1/sessions/init", {"session_id": "bad id with spaces"}, 400, "session_id"),
     ("/v1/sessions/init", {"session_id": "feed\n"}, 400, "session_id"),
+    ("/v1/sessions/{sid}/stream/push", b'{"data": [' + b"[" * 5000 + b"1" + b"]" * 5000 + b"]}",
+     400, "nested too deeply"),
     ("/v1/sessions/init", {"session_id": ".."}, 400, "dots"),
     ("/v1/sessions/{sid}/generate", {"prompt": "q", "temperature": 1, "seed": 2**64}, 400, "seed"),
     ("/v1/sessions/init", {"prompt": 42}, 400, "prompt"),
@@ -104,6 +106,16 @@ def test_bad_input_gets_a_clear_4xx(demo_daemon: DaemonProcess, path, body, code
     error = reply.json()["error"]
     assert words.lower() in error["message"].lower(), error
     assert status(demo_daemon, sid)["data_seq"] == 0  # the failed request accepted nothing
+
+
+def test_a_vanishing_temperature_is_greedy(demo_daemon: DaemonProcess) -> None:
+    # 1e-45 is in range but dividing the logits by it overflowed to inf/nan (a 500)
+    sid = open_session(demo_daemon, prompt="Ticks.", template="raw")
+    ask = {"prompt": "Next?", "max_tokens": 4}
+    tiny = post(demo_daemon, f"/v1/sessions/{sid}/generate", ask | {"temperature": 1e-45})
+    assert tiny.status_code == 200, tiny.text
+    greedy = post(demo_daemon, f"/v1/sessions/{sid}/generate", ask | {"temperature": 0})
+    assert tiny.json()["tokens"] == greedy.json()["tokens"]
 
 
 def test_a_top_k_past_the_vocabulary_keeps_every_token(demo_daemon: DaemonProcess) -> None:

@@ -136,3 +136,25 @@ def test_answers_unfinished_at_the_drains_end_get_an_error(
     first, query_blocks = run_engine(model, scenario)
     assert first.text is not None
     assert query_blocks == 0  # the query's blocks were given back
+
+
+def test_a_long_question_is_tokenized_off_the_event_loop(demo_folder: Path, tmp_path: Path) -> None:
+    model = loaded(demo_folder, tmp_path)
+    long = GenerateRequest(prompt="ab " * 6000, max_tokens=3)  # 18k characters, 6k tokens
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt="Feed.", template="raw"))).session_id
+        ran: list[str] = []
+        other = asyncio.get_running_loop().call_soon(ran.append, "other work")
+        handle = await engine.ask(sid, long)
+        served_meanwhile = list(ran)  # the loop ran other callbacks while the prompt was split
+        other.cancel()
+        asked = await handle.result()
+        direct = await engine.generate(sid, long).result()  # on the loop, the same tokens
+        short = await (await engine.ask(sid, GenerateRequest(prompt="Up?", max_tokens=2))).result()
+        return served_meanwhile, asked, direct, short
+
+    served_meanwhile, asked, direct, short = run_engine(model, scenario)
+    assert served_meanwhile == ["other work"]
+    assert asked.tokens == direct.tokens and asked.usage == direct.usage
+    assert short.tokens

@@ -123,6 +123,21 @@ def test_bad_messages_get_errors_naming_the_problem_and_the_connection_stays_usa
         assert client.recv()["code"] == "invalid_request"
         assert client.request({"type": "ping"})["type"] == "pong"
         assert client.request({"type": "push", "session_id": sid, "data": ["ok"]})["seq"] == 1
+        # values nested past Python's recursion limit: an error, not a dropped connection
+        marker = msgspec.msgpack.encode("@deep@")
+        push = msgspec.msgpack.encode({"type": "push", "id": 9, "session_id": sid,
+                                       "data": ["@deep@"]})
+        deep = b"\x91" * 5000 + msgspec.msgpack.encode("x")  # 5000 one-item arrays around "x"
+        client.send_raw(encode_frame(push.replace(marker, deep)))
+        reply = client.recv()  # without its id: reading that far would recurse as deep
+        assert reply["code"] == "invalid_request" and "nested too deeply" in reply["message"]
+        # a MessagePack ext value has no text form: refused, named by its entry
+        json_sid = new_session(client, format="json")
+        ext = {"type": "push", "session_id": json_sid,
+               "data": ["fine", {"k": msgspec.msgpack.Ext(5, b"raw")}]}
+        reply = client.request(ext)
+        assert reply["code"] == "invalid_request" and "data[1]" in reply["message"], reply
+        assert client.request({"type": "push", "session_id": sid, "data": ["ok"]})["seq"] == 2
 
 
 def test_oversized_length_prefix_gets_too_large_then_close(daemon: DaemonProcess) -> None:

@@ -74,6 +74,19 @@ def test_each_reply_uses_the_encoding_of_its_request(demo_daemon: DaemonProcess)
         assert (reply["code"], was_binary) == ("invalid_request", False)
 
 
+def test_deeply_nested_values_get_an_error_and_the_socket_stays(demo_daemon: DaemonProcess) -> None:
+    # 5000 nested lists: the decoder recurses past Python's limit (this used to answer the
+    # upgraded socket with an HTTP 500, breaking it)
+    with WsClient(demo_daemon.ws_url, binary=False) as client:
+        sid = client.request({"type": "init", "prompt": "Feed.", "template": "raw"})["session_id"]
+        deep = "[" * 5000 + '"x"' + "]" * 5000
+        nested = f'{{"type": "push", "id": 7, "session_id": "{sid}", "data": {deep}}}'
+        client.ws.send(nested)
+        reply, _ = client.recv_frame()
+        assert reply["code"] == "invalid_request" and "nested too deeply" in reply["message"]
+        assert client.request({"type": "push", "session_id": sid, "data": ["ok"]})["seq"] == 1
+
+
 class Dashboard:
     """What a subscriber saw: flash answers, data updates, and the frame kinds they came in."""
 

@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -72,6 +73,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("livelm.engine")
 TOKENIZE_OFF_LOOP_ENTRIES = 64  # larger pushes are tokenized on a thread
+GREEDY_BELOW_TEMPERATURE = 1e-5
+TOKENIZE_OFF_LOOP_CHARS = 16384  # and questions longer than this (about 2 ms of tokenizing)
 RING_RETRY_S = 0.05
 
 
@@ -241,7 +244,7 @@ class Engine:
                 f"a session holds at most {self.config.max_flash_queries} flash queries"
             )
         for i, spec in enumerate(req.flash):
-            self._check_flash_spec(spec, layout.question_suffix, f"flash[{i}].")
+            await self._check_flash_spec(spec, layout.question_suffix, f"flash[{i}].")
         blocks = self.budget.session_blocks(len(layout.opening))
         await self.conversations.make_room(blocks)
         self.budget.grow_live_session(0, blocks)
@@ -377,6 +380,19 @@ class Engine:
                         pass
 
     # ---- queries ---------------------------------------------------------------------------
+    async def ask(self, session_id: str, req: GenerateRequest) -> QueryHandle:
+        """``generate`` for the transports: a long prompt (or long choices) is tokenized on a
+        worker thread, so that it does not hold up every other client on the event loop."""
+        texts = [req.prompt, *(req.choices or [])]
+        if sum(len(text) for text in texts) <= TOKENIZE_OFF_LOOP_CHARS:
+            return self.generate(session_id, req)
+        self._check_accepting()
+        self._session(session_id)  # fail fast, before the work
+        encode = self.tokenizer.encode
+        tokens = await self.loop.run_in_executor(None, lambda: [encode(t) for t in texts])
+        encoded = dict(zip(texts, tokens, strict=True))
+        return self.generate(session_id, req, encode=encoded.__getitem__)
+
     def generate(
         self,
         session_id: str,
@@ -384,10 +400,14 @@ class Engine:
         *,
         capture_logits: bool = False,
         use_flash_cache: bool = True,
+        encode: Callable[[str], list[int]] | None = None,
     ) -> QueryHandle:
+        """Starts a query; ``encode`` tokenizes its prompt and choices (default: the
+        tokenizer, here on the loop: long inputs go through ``ask``)."""
         self._check_accepting()
         session = self._session(session_id)
-        choices = self._choices(req)
+        encode = encode or self.tokenizer.encode
+        choices = self._choices(req, encode)
         params = self._sampling(req, choices)
         if use_flash_cache and (cached := self._flash[session_id].cached(req)) is not None:
             return self._cached_handle(*cached)
@@ -395,7 +415,7 @@ class Engine:
             raise InternalError(
                 f"session {session_id!r} cannot answer: {session.error}; close it and open a new one"
             )
-        question = self.tokenizer.encode(req.prompt) + session.question_suffix
+        question = encode(req.prompt) + session.question_suffix
         if not question:
             raise InvalidRequest("prompt is empty")
         if len(question) > self.config.max_entry_tokens:
@@ -452,10 +472,12 @@ class Engine:
             return self.conversations.over_session(session, prompt_tokens, params, choices)
         return await self.conversations.complete(prompt_tokens, params, choices)
 
-    def _choices(self, req: GenerateRequest) -> Choices | None:
+    def _choices(
+        self, req: GenerateRequest, encode: Callable[[str], list[int]] | None = None
+    ) -> Choices | None:
         if req.choices is None:
             return None
-        return parse_choices(req, self.tokenizer.encode, self.config.max_choices)
+        return parse_choices(req, encode or self.tokenizer.encode, self.config.max_choices)
 
     def _sampling(self, req: GenerateRequest, choices: Choices | None = None) -> SamplingParams:
         """``choices``: a classification, whose answer is at most its longest choice."""
@@ -477,7 +499,8 @@ class Engine:
             )
         return SamplingParams(
             max_tokens=req.max_tokens if choices is None else choices.longest,
-            temperature=req.temperature,
+            # below this, dividing the logits by it overflows, and the draw is greedy anyway
+            temperature=req.temperature if req.temperature >= GREEDY_BELOW_TEMPERATURE else 0.0,
             top_p=req.top_p,
             top_k=0 if req.top_k >= self.model.config.vocab_size else req.top_k,  # keeps all
             seed=req.seed,
@@ -503,7 +526,7 @@ class Engine:
     async def register_flash(self, session_id: str, spec: FlashSpec) -> FlashRegistered:
         self._check_accepting()
         session = self._session(session_id)
-        self._check_flash_spec(spec, session.question_suffix, "")
+        await self._check_flash_spec(spec, session.question_suffix, "")
         return self._flash[session_id].register(spec)
 
     def flash_answers(self, session_id: str) -> list[FlashAnswer]:
@@ -526,13 +549,16 @@ class Engine:
         self._flash[session_id] = board
         return board
 
-    def _check_flash_spec(self, spec: FlashSpec, question_suffix: list[int], where: str) -> None:
+    async def _check_flash_spec(
+        self, spec: FlashSpec, question_suffix: list[int], where: str
+    ) -> None:
         if not spec.query.strip():
             raise InvalidRequest(f"{where}query is empty")
         limit = self.config.max_new_tokens
         if not 1 <= spec.max_tokens <= limit:
             raise InvalidRequest(f"{where}max_tokens must be between 1 and {limit}")
-        size = len(self.tokenizer.encode(spec.query)) + len(question_suffix)
+        tokens = await self._off_loop(self.tokenizer.encode, spec.query, big=len(spec.query) // 256)
+        size = len(tokens) + len(question_suffix)
         room = min(self.config.max_entry_tokens, self.max_context)
         if size + spec.max_tokens > room:
             raise TooLarge(

@@ -29,6 +29,15 @@ _SYMBOL_KEYS = ("s", "symbol", "sym", "ticker")
 
 
 def render_entry(entry: Any, fmt: str, index: int) -> str:
+    try:
+        return _render(entry, fmt, index)
+    except RecursionError as exc:
+        raise InvalidRequest(f"data[{index}]: nested too deeply") from exc
+    except TypeError as exc:  # a MessagePack ext value, which has no text form
+        raise InvalidRequest(f"data[{index}]: cannot be rendered as text: {exc}") from exc
+
+
+def _render(entry: Any, fmt: str, index: int) -> str:
     if isinstance(entry, str):
         return _line(entry)
     if fmt == "text":

@@ -42,6 +42,8 @@ def decode_json(body: bytes, kind: type[T]) -> T:
         return msgspec.json.decode(body, type=kind)
     except (msgspec.ValidationError, msgspec.DecodeError) as exc:
         raise InvalidRequest(f"invalid request body: {exc}") from exc
+    except RecursionError as exc:
+        raise InvalidRequest("invalid request body: values nested too deeply") from exc
 
 
 def decode_lines(body: bytes, as_json: bool) -> list[Any]:
@@ -64,6 +66,8 @@ def decode_lines(body: bytes, as_json: bool) -> list[Any]:
             entries.append(_any_json.decode(line))
         except msgspec.DecodeError as exc:
             raise InvalidRequest(f"line {number} of the ndjson body: {exc}") from exc
+        except RecursionError as exc:
+            raise InvalidRequest(f"line {number} of the ndjson body: nested too deeply") from exc
     return entries
 
 
@@ -100,7 +104,7 @@ class SessionRoutes:
     async def generate(self, request: web.Request) -> web.StreamResponse:
         engine = self.engine_for()
         req = decode_json(await request.read(), GenerateRequest)
-        handle = engine.generate(request.match_info["id"], req)
+        handle = await engine.ask(request.match_info["id"], req)
         if req.stream:
             return await stream_answer(request, handle, _AnswerEvents())
         try:

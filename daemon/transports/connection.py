@@ -215,7 +215,7 @@ class Connection:
         if isinstance(msg, PingMsg):
             return PongMsg(id=msg.id)
         if isinstance(msg, GenerateMsg):
-            self._start_answer(msg, codec)
+            await self._start_answer(msg, codec)
             return None
         if isinstance(msg, SubscribeMsg):
             await self._subscribe(msg, codec)
@@ -256,11 +256,11 @@ class Connection:
         )
 
     # ---- streams --------------------------------------------------------------------------------
-    def _start_answer(self, msg: GenerateMsg, codec: Codec) -> None:
+    async def _start_answer(self, msg: GenerateMsg, codec: Codec) -> None:
         if msg.id in self._answers:
             raise InvalidRequest(f"id {msg.id} is already used by a generate still streaming")
         engine = self._state.engine_for()
-        handle = engine.generate(msg.session_id, as_request(msg, GenerateRequest))
+        handle = await engine.ask(msg.session_id, as_request(msg, GenerateRequest))
         task = self._spawn(stream_answer(handle, msg, partial(self._send, codec=codec)))
         self._answers[msg.id] = task
         task.add_done_callback(lambda _: self._answers.pop(msg.id, None))

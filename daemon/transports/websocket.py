@@ -81,6 +81,10 @@ class WebSocketRoute:
         self._open[ws] = connection
         try:
             await _read(ws, link, connection, counters)
+        except Exception:
+            # past the upgrade no HTTP reply can be written: close the socket with 1011
+            log.exception("websocket connection failed; closing it")
+            await ws.close(code=WSCloseCode.INTERNAL_ERROR, message=b"internal error")
         finally:
             connection.lost()
             self._open.pop(ws, None)
