@@ -180,6 +180,16 @@ def test_session_close_ends_the_subscription_but_not_the_connection(
         assert gone["code"] == "unknown_session"
 
 
+def test_a_subscription_id_cannot_be_used_twice(demo_daemon: DaemonProcess) -> None:
+    with WsClient(demo_daemon.ws_url, binary=True) as client:
+        sid = client.request({"type": "init", "prompt": "p"})["session_id"]
+        first = client.request({"type": "subscribe", "id": 500, "session_id": sid})
+        assert first["type"] == "subscribed"
+        again = client.request({"type": "subscribe", "id": 500, "session_id": sid})
+        assert again["code"] == "invalid_request" and "already used" in again["message"]
+        assert client.request({"type": "subscribe", "session_id": sid})["type"] == "subscribed"
+
+
 def test_api_key_by_header_or_hello(keyed_daemon: DaemonProcess) -> None:
     with WsClient(keyed_daemon.ws_url, binary=False) as client:
         assert client.request({"type": "ping"})["code"] == "unauthorized"

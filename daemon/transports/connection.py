@@ -60,6 +60,7 @@ log = get_logger(__name__)
 SERVER_NAME = f"livelm/{__version__}"
 # stop reading when this many received messages (or bytes) wait; read again below the low marks
 PAUSE_MESSAGES, RESUME_MESSAGES = 64, 16
+MAX_SUBSCRIPTIONS = 1024  # per connection; each sends every event of its session
 PAUSE_BYTES, RESUME_BYTES = 8 << 20, 2 << 20
 # applied even after the client went away: they change state the client may rely on later
 STATE_CHANGES = (InitMsg, PushMsg, FlashMsg, CloseMsg)
@@ -119,6 +120,7 @@ class Connection:
         self._gone = False  # the transport is closed: nothing more is sent
         self._streams: set[asyncio.Task[None]] = set()
         self._answers: dict[int, asyncio.Task[None]] = {}  # generates streaming now, by id
+        self._subscriptions: dict[int, asyncio.Task[None]] = {}  # live subscriptions, by id
         counters.opened()
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
@@ -266,6 +268,10 @@ class Connection:
         task.add_done_callback(lambda _: self._answers.pop(msg.id, None))
 
     async def _subscribe(self, msg: SubscribeMsg, codec: Codec) -> None:
+        if msg.id in self._subscriptions:
+            raise InvalidRequest(f"id {msg.id} is already used by a live subscription")
+        if len(self._subscriptions) >= MAX_SUBSCRIPTIONS:
+            raise InvalidRequest(f"a connection holds at most {MAX_SUBSCRIPTIONS} subscriptions")
         engine = self._state.engine_for()
         subscription = engine.subscribe(msg.session_id, frozenset(msg.events), msg.last_event_id)
         topics = msg.events or ["flash", "data"]
@@ -278,7 +284,9 @@ class Connection:
             if self._gone:  # the transport closed meanwhile: no one to stream to
                 subscription.close()
         if not self._gone:
-            self._spawn(stream_events(subscription, msg, partial(self._send, codec=codec)))
+            task = self._spawn(stream_events(subscription, msg, partial(self._send, codec=codec)))
+            self._subscriptions[msg.id] = task
+            task.add_done_callback(lambda _: self._subscriptions.pop(msg.id, None))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)
