@@ -38,7 +38,7 @@ def test_format_is_read_from_the_template() -> None:
             'Let me check.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n'
             '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": '
             '{"zone": "CET", "precise": true}}\n</tool_call>',
-            ParsedAnswer("Let me check.", (WEATHER, TIME)),
+            ParsedAnswer("Let me check.\n", (WEATHER, TIME)),  # as a stream shows it
         ),
         # arguments written as a JSON string; an unclosed last block at the end of the answer
         (
@@ -138,3 +138,21 @@ def test_stream_of_bad_call_returns_the_held_text() -> None:
 def test_stream_without_format_passes_everything() -> None:
     shown, rest = _stream(None, ["<tool_call>", "{}"])
     assert (shown, rest) == ("<tool_call>{}", ParsedAnswer(""))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        'Let me check.\n\n<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        "</tool_call>",
+        'I will call <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}'
+        "</tool_call> and then answer.",
+        "Plain prose, no call at all.\n",
+        'ok <tool_call>{broken</tool_call>',
+    ],
+)
+def test_a_streamed_answer_reads_as_the_whole_one(text: str) -> None:
+    whole = parse_answer(text, ToolFormat.HERMES)
+    pieces = [text[i : i + 5] for i in range(0, len(text), 5)]
+    shown, rest = _stream(ToolFormat.HERMES, pieces)
+    assert (shown + rest.content, rest.tool_calls) == (whole.content, whole.tool_calls)

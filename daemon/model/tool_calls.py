@@ -69,7 +69,10 @@ def _parse_hermes(text: str) -> ParsedAnswer:
     calls = [_call(_json_object(b.group(1)), "arguments") for b in blocks]
     if any(c is None for c in calls):
         return ParsedAnswer(text)
-    content = _HERMES_BLOCK.sub("", text).strip()
+    # the text before the first call as it is (a stream has sent it already), the rest with
+    # the calls taken out and trimmed: streamed and whole answers then read the same
+    first = blocks[0].start()
+    content = text[:first] + _HERMES_BLOCK.sub("", text[first:]).strip()
     return ParsedAnswer(content, tuple(c for c in calls if c is not None))
 
 
