@@ -50,6 +50,17 @@ def receive(sock: socket.socket) -> dict[str, str]:
     return dict(field.split("=", 1) for field in fields)
 
 
+def waiting(sock: socket.socket) -> list[dict[str, str]]:
+    """Every datagram already waiting on ``sock``, without blocking for more."""
+    sock.settimeout(0.0)
+    messages = []
+    while True:
+        try:
+            messages.append(receive(sock))
+        except BlockingIOError:  # nothing more is waiting
+            return messages
+
+
 def test_notifier_sends_state_lines(listener: tuple[socket.socket, str]) -> None:
     sock, path = listener
     env = {"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}
@@ -143,13 +154,7 @@ def test_daemon_tells_systemd_its_state(
         assert pings == [{"WATCHDOG": "1"}] * 3
         code = daemon.stop()
     assert code == 0
-    rest = []
-    sock.settimeout(0.0)
-    try:
-        while True:
-            rest.append(receive(sock))
-    except BlockingIOError:
-        pass
+    rest = waiting(sock)
     assert {"STOPPING": "1", "STATUS": "draining"} in rest
     assert rest[-1] == {"STOPPING": "1", "STATUS": "draining"}  # no pings after the drain began
 
@@ -203,12 +208,6 @@ def test_a_dead_worker_stops_supervision(
 
     healthy, failed = run_engine(model, scenario)
     assert healthy and failed
-    messages = []
-    sock.settimeout(0.0)
-    try:
-        while True:
-            messages.append(receive(sock))
-    except BlockingIOError:
-        pass
+    messages = waiting(sock)
     assert {"WATCHDOG": "1"} in messages
     assert messages[-1] == {"STATUS": "the inference worker died; stopping"}
