@@ -75,6 +75,10 @@ class SubscribeMsg(msgspec.Struct, **_tagged("subscribe")):
     last_event_id: int | None = None  # resume after this event (None: from now on)
 
 
+class UnsubscribeMsg(msgspec.Struct, **_tagged("unsubscribe")):
+    id: int  # the subscribe request's id
+
+
 class StatusMsg(msgspec.Struct, **_tagged("status")):
     id: int
     session_id: str
@@ -96,6 +100,7 @@ ClientMessage = (
     | GenerateMsg
     | FlashMsg
     | SubscribeMsg
+    | UnsubscribeMsg
     | StatusMsg
     | CloseMsg
     | PingMsg

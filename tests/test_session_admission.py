@@ -158,3 +158,21 @@ def test_a_long_question_is_tokenized_off_the_event_loop(demo_folder: Path, tmp_
     assert served_meanwhile == ["other work"]
     assert asked.tokens == direct.tokens and asked.usage == direct.usage
     assert short.tokens
+
+
+def test_subscriptions_end_saying_why(demo_folder: Path, tmp_path: Path) -> None:
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        first = (await engine.init_session(InitRequest(prompt="a", template="raw"))).session_id
+        second = (await engine.init_session(InitRequest(prompt="b", template="raw"))).session_id
+        closed, stopped = engine.subscribe(first, frozenset()), engine.subscribe(second, frozenset())
+        await engine.close_session(first)
+        await engine.stop(drain_timeout=0.0)
+        ends = []
+        for subscription in (closed, stopped):
+            assert [event async for event in subscription] == []
+            ends.append(subscription.end_reason)
+        return ends
+
+    assert run_engine(model, scenario) == ["session closed", "shutdown"]

@@ -126,6 +126,19 @@ def test_reconnecting_with_last_event_id_misses_nothing_still_buffered(daemon) -
     close(daemon, sid)
 
 
+def test_a_stream_opens_with_the_id_it_starts_after(daemon) -> None:
+    # a reader that loses the stream before its first event still knows where to resume
+    sid = open_session(daemon)
+    with SseStream(daemon.port, events_path(sid)) as live:
+        live.read_head()
+        assert live.file.readline() == b"id: 0\n"
+        seen = push_and_see(daemon, sid, live, 2)
+    with SseStream(daemon.port, events_path(sid)) as later:
+        later.read_head()
+        assert later.file.readline() == f"id: {seen[-1].id}\n".encode()
+    close(daemon, sid)
+
+
 def test_asking_for_events_older_than_the_buffer_reports_them_lost(daemon) -> None:
     sid = open_session(daemon)
     with SseStream(daemon.port, events_path(sid)) as live:

@@ -190,6 +190,29 @@ def test_a_subscription_id_cannot_be_used_twice(demo_daemon: DaemonProcess) -> N
         assert client.request({"type": "subscribe", "session_id": sid})["type"] == "subscribed"
 
 
+def test_unsubscribe_ends_a_subscription_and_frees_its_id(demo_daemon: DaemonProcess) -> None:
+    with WsClient(demo_daemon.ws_url, binary=True) as client:
+        sid = client.request({"type": "init", "prompt": "p", "template": "raw"})["session_id"]
+        assert client.request({"type": "subscribe", "id": 600, "session_id": sid})["type"] == (
+            "subscribed"
+        )
+        ended = client.request({"type": "unsubscribe", "id": 600})
+        assert ended == {"type": "unsubscribed", "id": 600, "session_id": sid,
+                         "reason": "unsubscribed"}
+        # data now: its data_updated would carry id 600 had the subscription lived on
+        client.request({"type": "push", "session_id": sid, "data": ["x=1"]})
+        answer = client.request({"type": "generate", "session_id": sid, "prompt": "q", "stream": False,
+                                 "max_tokens": 1})  # answered after the push is ingested
+        assert answer["type"] == "done"
+        assert client.request({"type": "ping"})["type"] == "pong"
+        assert all(m.get("id") != 600 for m in client.others), client.others
+        again = client.request({"type": "unsubscribe", "id": 600})
+        assert again["code"] == "invalid_request" and "no live subscription" in again["message"]
+        assert client.request({"type": "subscribe", "id": 600, "session_id": sid})["type"] == (
+            "subscribed"
+        )
+
+
 def test_api_key_by_header_or_hello(keyed_daemon: DaemonProcess) -> None:
     with WsClient(keyed_daemon.ws_url, binary=False) as client:
         assert client.request({"type": "ping"})["code"] == "unauthorized"

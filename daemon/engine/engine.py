@@ -28,7 +28,7 @@ from livelm.daemon.engine.conversations import (
     Conversations,
     EngineHooks,
 )
-from livelm.daemon.engine.events import EventHub, Subscription, event_names
+from livelm.daemon.engine.events import SHUTDOWN, EventHub, Subscription, event_names
 from livelm.daemon.engine.flash import FlashBoard
 from livelm.daemon.engine.formats import render_entry
 from livelm.daemon.engine.graphs import StepGraphs
@@ -178,7 +178,7 @@ class Engine:
         self._accepting = False
         self.ready = False
         for board in self._flash.values():
-            board.close()
+            board.close(SHUTDOWN)
         deadline = self.loop.time() + drain_timeout
         while self._inflight and self.loop.time() < deadline:
             await asyncio.sleep(0.02)

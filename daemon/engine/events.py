@@ -21,6 +21,10 @@ from livelm.protocol.messages import EventsLost
 FLASH_ANSWER = "flash_answer"
 DATA_UPDATED = "data_updated"
 EVENTS_LOST = "events_lost"
+# why a subscription ended (``unsubscribed``'s reason)
+SESSION_CLOSED = "session closed"
+SHUTDOWN = "shutdown"
+UNSUBSCRIBED = "unsubscribed"
 EVENT_NAMES = frozenset({FLASH_ANSWER, DATA_UPDATED})
 # the short topic names of PROTOCOL.md's ``subscribe`` (``events: ["flash", "data"]``)
 TOPICS = {"flash": FLASH_ANSWER, "data": DATA_UPDATED}
@@ -56,6 +60,7 @@ class EventHub:
         self._last_id = 0
         self._subscribers: set[Subscription] = set()
         self.closed = False
+        self.close_reason = ""  # why its subscriptions end: the session closed, or a shutdown
 
     @property
     def last_id(self) -> int:
@@ -91,9 +96,10 @@ class EventHub:
             self._subscribers.add(subscription)
         return subscription
 
-    def close(self) -> None:
+    def close(self, reason: str = SESSION_CLOSED) -> None:
         """Readers get what is still buffered, then their iteration ends."""
         self.closed = True
+        self.close_reason = reason
         self._wake_all()
 
     # ---- for Subscription ----------------------------------------------------------------
@@ -140,6 +146,11 @@ class Subscription:
         self._closed = True
         self._hub.forget(self)
         self._wakeup.set()
+
+    @property
+    def end_reason(self) -> str:
+        """Why the iteration ended on the daemon's side (the hub's close reason)."""
+        return self._hub.close_reason
 
     def __aiter__(self) -> Subscription:
         return self

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import msgspec
 import torch
 
-from livelm.daemon.engine.events import DATA_UPDATED, FLASH_ANSWER, EventHub
+from livelm.daemon.engine.events import DATA_UPDATED, FLASH_ANSWER, SESSION_CLOSED, EventHub
 from livelm.daemon.engine.query import QueryHandle
 from livelm.protocol.errors import InternalError, InvalidRequest, LiveLMError
 from livelm.protocol.messages import (
@@ -137,12 +137,12 @@ class FlashBoard:
             return
         self._round = asyncio.get_running_loop().create_task(self._run_rounds())
 
-    def close(self) -> None:
+    def close(self, reason: str = SESSION_CLOSED) -> None:
         """Stops rounds (cancelling their queries) and ends every subscription."""
         self.closed = True
         if self._round is not None:
             self._round.cancel()
-        self.hub.close()
+        self.hub.close(reason)
 
     # ---- rounds ------------------------------------------------------------------------------
     async def _run_rounds(self) -> None:

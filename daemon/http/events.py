@@ -2,8 +2,8 @@
 
 ``GET /v1/sessions/{id}/events`` writes ``event: NAME``, ``id: N``, ``data: JSON`` blocks,
 resuming after the ``Last-Event-ID`` header (or the ``last_event_id`` query parameter),
-filtered by ``?events=flash,data``, with ``: keep-alive`` comments while idle; it ends when the
-session closes. Each stream writes from its own handler task and reads the session's event
+filtered by ``?events=flash,data``, with ``: keep-alive`` comments while idle; it opens with
+an ``id:`` line alone (the id it starts after) and ends when the session closes. Each stream writes from its own handler task and reads the session's event
 buffer at its own cursor, so a client that stops reading holds back nobody but itself.
 """
 
@@ -65,6 +65,9 @@ class EventRoutes:
         response = web.StreamResponse(headers=SSE_HEADERS)
         await response.prepare(request)
         try:
+            # an id with no data: the reader's last event id, dispatching no event, so a stream
+            # that drops before its first event still resumes where it began
+            await response.write(f"id: {subscription.cursor}\n\n".encode())
             while True:
                 try:
                     event = await asyncio.wait_for(anext(subscription), self.keepalive_s)

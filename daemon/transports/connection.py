@@ -19,6 +19,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from livelm import __version__
+from livelm.daemon.engine.events import UNSUBSCRIBED
 from livelm.daemon.logs import get_logger
 from livelm.daemon.transports.auth import KeyCheck
 from livelm.daemon.transports.requests import Requests
@@ -43,6 +44,8 @@ from livelm.protocol.wire import (
     StatusMsg,
     SubscribedMsg,
     SubscribeMsg,
+    UnsubscribedMsg,
+    UnsubscribeMsg,
     WelcomeMsg,
     as_request,
     error_msg,
@@ -120,7 +123,8 @@ class Connection:
         self._gone = False  # the transport is closed: nothing more is sent
         self._streams: set[asyncio.Task[None]] = set()
         self._answers: dict[int, asyncio.Task[None]] = {}  # generates streaming now, by id
-        self._subscriptions: dict[int, asyncio.Task[None]] = {}  # live subscriptions, by id
+        # live subscriptions by id: their stream task and session
+        self._subscriptions: dict[int, tuple[asyncio.Task[None], str]] = {}
         counters.opened()
         self._runner = asyncio.get_running_loop().create_task(self._run())
 
@@ -222,6 +226,8 @@ class Connection:
         if isinstance(msg, SubscribeMsg):
             await self._subscribe(msg, codec)
             return None
+        if isinstance(msg, UnsubscribeMsg):
+            return await self._unsubscribe(msg)
         return await self._single_reply(msg)
 
     async def _single_reply(self, msg: ClientMessage) -> ServerMessage:
@@ -285,8 +291,23 @@ class Connection:
                 subscription.close()
         if not self._gone:
             task = self._spawn(stream_events(subscription, msg, partial(self._send, codec=codec)))
-            self._subscriptions[msg.id] = task
-            task.add_done_callback(lambda _: self._subscriptions.pop(msg.id, None))
+            self._subscriptions[msg.id] = (task, msg.session_id)
+            task.add_done_callback(lambda _: self._forget_subscription(msg.id, task))
+
+    def _forget_subscription(self, request_id: int, task: asyncio.Task[None]) -> None:
+        live = self._subscriptions.get(request_id)
+        if live is not None and live[0] is task:
+            del self._subscriptions[request_id]
+
+    async def _unsubscribe(self, msg: UnsubscribeMsg) -> UnsubscribedMsg:
+        """Ends the subscription made by the subscribe with ``msg.id``; its last message."""
+        live = self._subscriptions.pop(msg.id, None)
+        if live is None:
+            raise InvalidRequest(f"no live subscription has id {msg.id}")
+        task, session_id = live
+        task.cancel()
+        await asyncio.wait([task])  # none of its events can follow the reply
+        return UnsubscribedMsg(id=msg.id, session_id=session_id, reason=UNSUBSCRIBED)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
         task = asyncio.get_running_loop().create_task(work)

@@ -55,10 +55,12 @@ async def stream_answer(handle: QueryHandle, msg: GenerateMsg, send: Send) -> No
 
 async def stream_events(subscription: Subscription, msg: SubscribeMsg, send: Send) -> None:
     """A session's events as messages, each with the subscribe's id, until the session closes
-    (then ``unsubscribed``) or the task is cancelled (the client went away)."""
+    or the daemon shuts down (then ``unsubscribed`` says which), or the task is cancelled (the
+    client went away, or unsubscribed)."""
     try:
         async for event in subscription:
             await send(reply(EVENT_MESSAGES[event.name], event.body, event_id=event.id, id=msg.id))
-        await send(UnsubscribedMsg(id=msg.id, session_id=msg.session_id, reason="session closed"))
+        reason = subscription.end_reason
+        await send(UnsubscribedMsg(id=msg.id, session_id=msg.session_id, reason=reason))
     finally:
         subscription.close()
