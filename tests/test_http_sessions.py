@@ -79,6 +79,7 @@ BAD_REQUESTS = [
     ("/v1/sessions/{sid}/generate", {"prompt": "q", "temperature": -1}, 400, "temperature"),
     ("/v1/sessions/{sid}/generate", {"prompt": "q", "top_p": 0}, 400, "top_p"),
     ("/v1/sessions/{sid}/generate", {"prompt": ""}, 400, "empty"),
+    ("/v1/sessions/{sid}/generate", {"prompt": " \n "}, 400, "empty"),
     ("/v1/sessions/{sid}/generate", {"max_tokens": 3}, 400, "prompt"),
     ("/v1/sessions/{sid}/generate", {"prompt": "q", "stop": [""]}, 400, "stop"),
     ("/v1/sessions/nope/generate", {"prompt": "q"}, 404, "nope"),
@@ -106,6 +107,12 @@ def test_bad_input_gets_a_clear_4xx(demo_daemon: DaemonProcess, path, body, code
     error = reply.json()["error"]
     assert words.lower() in error["message"].lower(), error
     assert status(demo_daemon, sid)["data_seq"] == 0  # the failed request accepted nothing
+
+
+def test_an_empty_question_is_refused_on_a_chat_session_too(demo_daemon: DaemonProcess) -> None:
+    sid = open_session(demo_daemon, prompt="You watch ticks.")  # chat: the template's default
+    reply = post(demo_daemon, f"/v1/sessions/{sid}/generate", {"prompt": "", "max_tokens": 2})
+    assert reply.status_code == 400 and "empty" in reply.json()["error"]["message"]
 
 
 def test_a_vanishing_temperature_is_greedy(demo_daemon: DaemonProcess) -> None:

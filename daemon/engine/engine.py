@@ -415,9 +415,9 @@ class Engine:
             raise InternalError(
                 f"session {session_id!r} cannot answer: {session.error}; close it and open a new one"
             )
-        question = encode(req.prompt) + session.question_suffix
-        if not question:
+        if not req.prompt.strip():  # on a chat session the template alone would be asked
             raise InvalidRequest("prompt is empty")
+        question = encode(req.prompt) + session.question_suffix
         if len(question) > self.config.max_entry_tokens:
             raise TooLarge(
                 f"the prompt takes {len(question)} tokens; at most {self.config.max_entry_tokens}"
