@@ -4,6 +4,8 @@ concurrency, and the part of the KV pool that sessions leave to queries."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from pathlib import Path
 
 import pytest
@@ -97,6 +99,9 @@ def test_a_query_that_sessions_leave_no_room_for_is_not_told_to_retry() -> None:
         budget.reserve_query(21)
     budget.release(10)
     budget.reserve_query(15)
+    # queries hold what a session's growth needs for now: retry, not full
+    with pytest.raises(Overloaded, match="until running queries end"):
+        budget.grow_live_session(80, 88)
     budget.release_live_session(80)
     assert (budget.reserved, budget.held_by_sessions) == (15, 0)
 
@@ -176,3 +181,94 @@ def test_subscriptions_end_saying_why(demo_folder: Path, tmp_path: Path) -> None
         return ends
 
     assert run_engine(model, scenario) == ["session closed", "shutdown"]
+
+
+async def _fill(engine: Engine, sid: str, rounds: int = 100) -> BaseException | None:
+    """Pushes ticks into ``sid`` until the daemon refuses one (what it refused with)."""
+    entries = [f"tick {i} price {100 + i} volume {i * 7}" for i in range(8)]
+    for _ in range(rounds):
+        try:
+            await engine.push(sid, entries)
+        except (ContextFull, Overloaded) as exc:
+            return exc
+    return None
+
+
+def test_closing_a_session_keeps_the_blocks_its_running_query_reads(
+    demo_folder: Path, tmp_path: Path
+) -> None:
+    """The KV budget once freed a closed session's blocks while a query forked from it still
+    read them; new sessions then took them and the worker's pool ran dry mid-step."""
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        init = InitRequest(prompt="Feed A.", template="raw", window=engine.max_context // 2)
+        first = (await engine.init_session(init)).session_id
+        await engine.push(first, [f"tick {i} price {100 + i}" for i in range(120)])
+        handle = engine.generate(first, GenerateRequest(prompt="Story?", max_tokens=600))
+        await anext(aiter(handle))  # forked and answering
+        await engine.close_session(first)
+        held = engine.budget.reserved - engine.budget.held_by_sessions
+        second = (await engine.init_session(InitRequest(prompt="Feed B.", template="raw"))).session_id
+        refused = await _fill(engine, second)
+        answer = await handle.result()
+        await engine.generate(second, GenerateRequest(prompt="Up?", max_tokens=2)).result()
+        leftover = engine.budget.reserved - engine.budget.held_by_sessions
+        return held, refused, answer, engine.status(second), leftover
+
+    held, refused, answer, status, leftover = run_engine(model, scenario, kv_cache_tokens=4096)
+    assert held > 0  # the closed session's blocks stayed reserved for its query
+    assert refused is not None  # the pool did run short for the new session
+    assert answer.finish_reason in ("stop", "length") and status.error is None
+    assert leftover == 0  # with every query done, only the live session holds blocks
+
+
+def test_a_window_trim_keeps_the_blocks_a_running_query_reads(
+    demo_folder: Path, tmp_path: Path
+) -> None:
+    """A trim rebuilds the session's context in new blocks while a query forked before it
+    still reads the old ones: both must fit, or the push is told to retry."""
+    model = loaded(demo_folder, tmp_path)
+    ticks = [f"tick {i} price {100 + i} volume {i * 7}" for i in range(8)]
+
+    async def scenario(engine: Engine):
+        window = engine.max_context * 7 // 10  # old and rebuilt context cannot both fit
+        init = InitRequest(prompt="Feed.", template="raw", window=window)
+        sid = (await engine.init_session(init)).session_id
+        while engine.sessions[sid].data_tokens < window - 200:
+            await engine.push(sid, ticks)
+        handle = engine.generate(sid, GenerateRequest(prompt="Story?", max_tokens=300))
+        await anext(aiter(handle))
+        outcomes = []
+        while engine.status(sid).dropped_entries == 0:  # push until the window trims
+            try:
+                await engine.push(sid, ticks)
+                outcomes.append("accepted")
+            except Overloaded:
+                outcomes.append("retry")
+                await asyncio.sleep(0.05)
+        answer = await handle.result()
+        after = await engine.generate(sid, GenerateRequest(prompt="Up?", max_tokens=2)).result()
+        return outcomes, answer, after, engine.status(sid)
+
+    outcomes, answer, after, status = run_engine(model, scenario, kv_cache_tokens=2048)
+    assert "retry" in outcomes  # the trim had to wait for the query
+    assert outcomes[-1] == "accepted" and status.dropped_entries > 0  # then it went through
+    assert answer.finish_reason in ("stop", "length")
+    assert status.error is None and after.data_seq == status.data_seq
+
+
+def test_a_closed_session_is_let_go(demo_folder: Path, tmp_path: Path) -> None:
+    """Closed sessions (and the entries they retained) once stayed referenced forever."""
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt="Feed.", template="raw"))).session_id
+        await engine.push(sid, ["tick 1", "tick 2"])
+        await engine.generate(sid, GenerateRequest(prompt="Up?", max_tokens=2)).result()
+        ref = weakref.ref(engine.sessions[sid])
+        await engine.close_session(sid)
+        gc.collect()
+        return ref()
+
+    assert run_engine(model, scenario) is None

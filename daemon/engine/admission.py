@@ -47,21 +47,42 @@ class BlockBudget:
         self.reserved += needed - current
 
     def grow_live_session(self, current: int, needed: int) -> None:
-        """For a live session's blocks: never into the part of the pool kept for queries."""
+        """For a live session's blocks: never into the part of the pool kept for queries.
+        Short of room that only queries hold for now: ``Overloaded`` (retry), not full."""
+        growth = needed - current
         room = self.total - self.query_reserve - self.held_by_sessions
-        if needed - current > room:
+        if growth > room:
             raise ContextFull(
-                f"the KV cache is full: this needs {needed - current} more blocks of "
+                f"the KV cache is full: this needs {growth} more blocks of "
                 f"{self.block_size} tokens; sessions hold {self.held_by_sessions} of "
                 f"{self.total} and {self.query_reserve} stay free for queries; close sessions "
                 "or use smaller windows"
             )
-        self.grow_session(current, needed)
-        self.held_by_sessions += needed - current
+        self._reserve_now(growth, "this push")
+        self.held_by_sessions += growth
 
     def release_live_session(self, blocks: int) -> None:
         self.held_by_sessions -= blocks
         self.release(blocks)
+
+    def pin(self, blocks: int) -> None:
+        """Blocks that running queries still read after their session let go of them (a
+        window trim, before its rebuild): reserved until ``release``d when they end."""
+        self._reserve_now(blocks, "a window trim while queries read the old context")
+
+    def unhold(self, blocks: int) -> None:
+        """A closed session's blocks that running queries still read: reserved on, but no
+        longer a live session's (``release`` them when the queries end)."""
+        self.held_by_sessions -= blocks
+
+    def _reserve_now(self, blocks: int, what: str) -> None:
+        if blocks > self.available:
+            raise Overloaded(
+                f"the KV cache is busy: {what} needs {blocks} blocks of {self.block_size} "
+                f"tokens, {self.available} are free until running queries end",
+                retry_after=1.0,
+            )
+        self.reserved += blocks
 
     def reserve_query(self, blocks: int) -> None:
         if blocks > self.total - self.held_by_sessions:  # waiting would not help

@@ -50,6 +50,7 @@ from livelm.protocol.errors import (
     ConfigError,
     InternalError,
     InvalidRequest,
+    LiveLMError,
     Overloaded,
     TooLarge,
     UnknownSession,
@@ -125,7 +126,8 @@ class Engine:
             run_ahead=config.decode_run_ahead,
         )
         self.sessions: dict[str, Session] = {}
-        self._by_slot: dict[int, Session] = {}
+        self._by_slot: dict[int, Session] = {}  # live sessions by ring slot
+        self._query_sessions: dict[int, Session] = {}  # in-flight queries forked from a session
         self._slots = SlotAllocator()
         self._opening: set[str] = set()  # ids of sessions whose init is under way
         self._query_ids = itertools.count(1)
@@ -202,9 +204,21 @@ class Engine:
         for query_id, (handle, blocks) in unfinished:
             self._commands.append(CancelQuery(query_id))
             handle.deliver([], None, shutdown)
-            self.budget.release(blocks)
+            self._query_ended(query_id, blocks)
         if self._commands:
             self._send_commands()
+
+    def _query_ended(self, query_id: int, blocks: int) -> None:
+        """Gives back a finished query's blocks, and its session's pinned ones with the last
+        query that read them."""
+        self.budget.release(blocks)
+        session = self._query_sessions.pop(query_id, None)
+        if session is None:
+            return
+        session.forked -= 1
+        if session.forked == 0 and session.pinned:
+            self.budget.release(session.pinned)
+            session.pinned = 0
 
     @property
     def worker_failed(self) -> bool:
@@ -295,6 +309,7 @@ class Engine:
             if self.sessions.get(session_id) is not session:
                 raise UnknownSession(f"unknown session {session_id!r}")
             del self.sessions[session_id]
+            del self._by_slot[session.slot]
             self._flash.pop(session_id).close()
             # shielded: a client gone mid-close must not leave the worker holding the session
             # while its blocks count as free (or the other way round)
@@ -302,7 +317,11 @@ class Engine:
 
     async def _write_close(self, session: Session) -> None:
         await self._write_records([records.encode(records.Kind.CLOSE, session.slot)])
-        self.budget.release_live_session(session.reserved_blocks)
+        if session.forked:  # its queries still read its blocks: freed when the last one ends
+            self.budget.unhold(session.reserved_blocks)
+            session.pinned += session.reserved_blocks
+        else:
+            self.budget.release_live_session(session.reserved_blocks)
 
     def _session(self, session_id: str) -> Session:
         session = self.sessions.get(session_id)
@@ -335,10 +354,21 @@ class Engine:
                 raise UnknownSession(f"session {session.session_id!r} was closed")
             plan = session.plan_push([len(t) for t in tokens])
             needed = self.budget.session_blocks(session.opening_tokens + plan.data_tokens)
+            trims = plan.first_kept_seq is not None
+            pin = session.reserved_blocks if trims and session.forked else 0
+            growth = max(0, needed - session.reserved_blocks)
+            if growth or pin:
+                await self.conversations.make_room(growth + pin)
+            if pin:  # the rebuild after the trim comes beside the old blocks queries still read
+                self.budget.pin(pin)
             if needed > session.reserved_blocks:
-                await self.conversations.make_room(needed - session.reserved_blocks)
-                self.budget.grow_live_session(session.reserved_blocks, needed)
+                try:
+                    self.budget.grow_live_session(session.reserved_blocks, needed)
+                except LiveLMError:
+                    self.budget.release(pin)
+                    raise
                 session.reserved_blocks = needed
+            session.pinned += pin
             words = []
             if plan.first_kept_seq is not None:
                 words.append(records.encode(records.Kind.TRIM, session.slot, plan.first_kept_seq))
@@ -455,6 +485,10 @@ class Engine:
         state.query_id = next(self._query_ids)
         handle = QueryHandle(state.query_id, self._cancel)
         self._inflight[state.query_id] = (handle, blocks)
+        session = self._by_slot.get(state.slot)  # None for a kept conversation's query
+        if session is not None:
+            session.forked += 1
+            self._query_sessions[state.query_id] = session
         self._command(StartQuery(state))
         self.counters["queries_started_total"] += 1
         return handle
@@ -604,7 +638,7 @@ class Engine:
             handle.deliver(update.tokens, update.done, update.error)
             if update.done is not None or update.error is not None:
                 del self._inflight[query_id]
-                self.budget.release(blocks)
+                self._query_ended(query_id, blocks)
                 self.latency.answer.observe(now - handle.admitted_at)
         if report.ring_drained:
             self._ring_space.set()

@@ -34,6 +34,9 @@ class QueryHandle:
             return
         if error is not None:
             self._done.set_exception(error)
+            # marked as seen: a reader still there gets it from result(); one gone (a cancelled
+            # request, a flash round of a closed session) leaves no "never retrieved" log
+            self._done.exception()
             self._events.put_nowait(None)
         elif done is not None:
             self._done.set_result(done)

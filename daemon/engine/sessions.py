@@ -62,6 +62,8 @@ class Session:
     # (last seq, monotonic time) of each acknowledged push not yet ingested, for the ingest
     # latency histogram
     acks: deque[tuple[int, float]] = field(default_factory=deque)
+    forked: int = 0  # queries in flight that were forked from this session
+    pinned: int = 0  # blocks those queries still read after a trim or the close let them go
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @property
