@@ -155,6 +155,7 @@ class Engine:
             "tokens_generated_total": 0,
             "ring_full_waits_total": 0,  # times a producer was held back by a full ring
             "flash_rounds_total": 0,
+            "flash_rounds_retried_total": 0,  # rounds that found no KV room and were asked again
             "flash_rounds_coalesced_total": 0,  # data that joined a round already asked for
             "flash_answers_published_total": 0,
         }

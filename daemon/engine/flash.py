@@ -20,7 +20,7 @@ import torch
 
 from livelm.daemon.engine.events import DATA_UPDATED, FLASH_ANSWER, SESSION_CLOSED, EventHub
 from livelm.daemon.engine.query import QueryHandle
-from livelm.protocol.errors import InternalError, InvalidRequest, LiveLMError
+from livelm.protocol.errors import InternalError, InvalidRequest, LiveLMError, Overloaded
 from livelm.protocol.messages import (
     DataUpdated,
     DoneReply,
@@ -32,6 +32,7 @@ from livelm.protocol.messages import (
 )
 
 log = logging.getLogger("livelm.flash")
+ROUND_RETRY_S = 1.0  # a round that found no KV room is asked again after this long
 
 StartQuery = Callable[[GenerateRequest], QueryHandle]
 
@@ -149,11 +150,17 @@ class FlashBoard:
         try:
             while self._wanted and not self.closed:
                 self._wanted = False
-                await self._run_round(list(self._queries.values()))
+                delay = await self._run_round(list(self._queries.values()))
+                if delay is not None:  # no KV room now: the answers would go stale till the
+                    self._wanted = True  # next data, so the round is asked again
+                    self._counters["flash_rounds_retried_total"] += 1
+                    await asyncio.sleep(delay)
         finally:
             self._round = None
 
-    async def _run_round(self, queries: list[FlashQuery]) -> None:
+    async def _run_round(self, queries: list[FlashQuery]) -> float | None:
+        """Answers every flash query once; the seconds to wait before trying again when the
+        KV cache had no room for the round, else None."""
         self._counters["flash_rounds_total"] += 1
         handles: list[QueryHandle] = []
         try:
@@ -162,11 +169,16 @@ class FlashBoard:
                 req = GenerateRequest(prompt=q.query, max_tokens=q.max_tokens)
                 handles.append(self._start_query(req))
             results = await asyncio.gather(*map(_collect, handles), return_exceptions=True)
+        except Overloaded as exc:
+            log.info(
+                "flash round waits for room: %s", exc, extra={"session_id": self.session_id}
+            )
+            return exc.retry_after or ROUND_RETRY_S
         except LiveLMError as exc:
             log.warning(
                 "flash round could not start: %s", exc, extra={"session_id": self.session_id}
             )
-            return
+            return None
         finally:
             for handle in handles:
                 handle.cancel()  # no-op for finished ones; stops the rest when cancelled
@@ -175,6 +187,7 @@ class FlashBoard:
                 self._log_failure(q, result)
             elif not self.closed:
                 self._record(q, *result)
+        return None
 
     def _record(
         self, q: FlashQuery, tokens: list[TokenEvent], done: DoneReply, conf: float
