@@ -98,7 +98,7 @@ def test_push_a_jsonl_file_then_status_and_query(
     feed = tmp_path / "bars.jsonl"
     feed.write_text(jsonl(BARS), encoding="utf-8")
     init = ["--init-prompt", "Market data.", "--template", "raw", "--format", "ohlcv"]
-    out = ok(livelm(demo_daemon, "push", "--session", sid, *init, "--batch", "3", str(feed)))
+    out = ok(livelm(demo_daemon, "push", "--session", sid, *init, "--batch", "4", str(feed)))
     assert f"pushed 7 entries to {sid}; last seq 7" in out
 
     status = json.loads(ok(livelm(demo_daemon, "status", "--session", sid, "--json")))
@@ -307,3 +307,101 @@ def test_csv_cells_that_read_as_numbers_become_numbers() -> None:
     ]
     with pytest.raises(InputError, match="line 3: 2 fields, the header has 3"):
         list(read_entries(io.StringIO("a,b,c\n1,2,3\n1,2\n"), "csv"))
+
+
+# ---- audit fixes ----------------------------------------------------------------------------------
+
+
+def test_a_refused_entry_is_named_by_its_file_line(
+    demo_daemon: DaemonProcess, tmp_path: Path
+) -> None:
+    sid = session_name("badline")
+    bad = {key: value for key, value in BARS[0].items() if key != "h"}
+    feed = tmp_path / "bars.jsonl"
+    feed.write_text(jsonl(BARS[:5]) + "\n" + jsonl([BARS[5], bad]), encoding="utf-8")
+    init = ["--init-prompt", "Bars.", "--template", "raw", "--format", "ohlcv"]
+    result = livelm(demo_daemon, "push", "--session", sid, *init, "--batch", "4", str(feed))
+    assert result.returncode == 1, result.stderr
+    assert "line 8: h: missing" in result.stderr  # the 7th entry, after a blank line
+    assert "4 entries were pushed (last seq 4)" in result.stderr  # its batch: data[2]
+    library(demo_daemon, "close_session", sid)
+
+
+def test_csv_with_a_byte_order_mark(demo_daemon: DaemonProcess, tmp_path: Path) -> None:
+    sid = session_name("bom")
+    feed = tmp_path / "excel.csv"
+    feed.write_bytes(b"\xef\xbb\xbf" + csv_text(BARS).encode())
+    init = ["--init-prompt", "Bars.", "--template", "raw", "--format", "ohlcv"]
+    assert "pushed 7 entries" in ok(livelm(demo_daemon, "push", "--session", sid, *init, str(feed)))
+    library(demo_daemon, "close_session", sid)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws"])
+def test_a_value_messagepack_cannot_hold_is_bad_input(
+    demo_daemon: DaemonProcess, tmp_path: Path, transport: str
+) -> None:
+    sid = library(demo_daemon, "init", "", template="raw", format="kv").session_id
+    feed = tmp_path / "big.csv"
+    feed.write_text(f"id,sym\n1,a\n{2**70},b\n", encoding="utf-8")
+    result = livelm(demo_daemon, "push", "--session", sid, "--transport", transport, str(feed))
+    assert result.returncode == 2, result.stderr
+    assert "line 3: cannot be sent" in result.stderr and "Traceback" not in result.stderr
+    assert library(demo_daemon, "status", sid).data_seq == 0  # found before pushing
+    ok(livelm(demo_daemon, "push", "--session", sid, "--transport", "http", str(feed)))
+    library(demo_daemon, "close_session", sid)
+
+
+def test_status_shows_the_error_field(demo_daemon: DaemonProcess) -> None:
+    sid = library(demo_daemon, "init", "", template="raw").session_id
+    status = json.loads(ok(livelm(demo_daemon, "status", "--session", sid, "--json")))
+    assert "error" in status and status["error"] is None
+    library(demo_daemon, "close_session", sid)
+
+
+async def flash_answered(daemon: DaemonProcess, sid: str) -> None:
+    async with HttpClient(daemon.url) as client:
+        events = await client.subscribe(sid, ["flash"])
+        await client.flash(sid, "What is new?", max_tokens=3)
+        await client.push(sid, ["fresh data"])
+        await asyncio.wait_for(anext(events), TIMEOUT)
+        await events.aclose()
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http"])
+def test_watch_prints_the_cached_answers_first(demo_daemon: DaemonProcess, transport: str) -> None:
+    sid = library(demo_daemon, "init", "Feed.", template="raw").session_id
+    asyncio.run(flash_answered(demo_daemon, sid))
+    args = ["watch", "--session", sid, "--count", "1", "--json", "--transport", transport]
+    (line,) = ok(livelm(demo_daemon, *args)).splitlines()
+    assert json.loads(line)["query"] == "What is new?"
+    library(demo_daemon, "close_session", sid)
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_a_closed_stdout_ends_quietly(demo_daemon: DaemonProcess, stream: bool) -> None:
+    sid = library(demo_daemon, "init", "Story.", template="raw").session_id
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails: the reader went away, as `| head` does
+    ask = ["query", "--session", sid, "Go on", "--max-tokens", "8"] + (["--stream"] * stream)
+    ports = ["--port", str(demo_daemon.port), "--tcp-port", str(demo_daemon.tcp_port)]
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "livelm.daemon", *ask, *ports],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=TIMEOUT,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 141 and result.stderr == "", result.stderr
+    library(demo_daemon, "close_session", sid)
+
+
+@pytest.mark.parametrize("transport", ["tcp", "ws", "http"])
+def test_a_peer_of_another_protocol_exits_3(demo_daemon: DaemonProcess, transport: str) -> None:
+    swapped = ["--port", str(demo_daemon.tcp_port), "--tcp-port", str(demo_daemon.port)]
+    args = ["status", "--session", "s", "--transport", transport, *swapped]
+    result = livelm(None, *args)
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr

@@ -8,11 +8,12 @@ Reply maps carry their ``type``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Sequence
 from types import TracebackType
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, Generic, Protocol, TypedDict, TypeVar, Unpack
 
 from livelm.client.errors import InvalidReply
 from livelm.client.replies import (
@@ -29,8 +30,66 @@ from livelm.client.replies import (
 log = logging.getLogger("livelm.client")
 
 C = TypeVar("C", bound="ClientBase")
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
 
 SUBSCRIBED = "subscribed"  # what a transport's event stream yields first, once it is set up
+CURSOR = "cursor"  # an item that only moves the stream's last event id (SSE's id-only block)
+EventItem = tuple[str, dict[str, Any], int | None]
+
+
+class Replies(Protocol[T_co]):
+    """A transport's stream: ``next()`` gives the next item, ``StopAsyncIteration`` at the end.
+    A cancelled ``next()`` loses nothing: the next call continues the stream."""
+
+    async def next(self) -> T_co: ...
+
+    async def aclose(self) -> None: ...
+
+
+class CancelSafe(Generic[T]):
+    """``Replies`` over an async generator: each item is fetched by a task of its own, which a
+    cancelled caller leaves running, so the next ``next()`` gets what it fetched."""
+
+    def __init__(self, items: AsyncIterator[T]) -> None:
+        self._items = items
+        self._pending: asyncio.Future[tuple[bool, T | None]] | None = None
+
+    async def next(self) -> T:
+        if self._pending is None:
+            self._pending = asyncio.ensure_future(_step(self._items))
+        pending = self._pending
+        try:
+            more, item = await asyncio.shield(pending)
+        except asyncio.CancelledError:
+            if pending.cancelled():  # the fetch itself was cancelled (aclose): it is over
+                self._pending = None
+            raise
+        except BaseException:
+            self._pending = None
+            raise
+        self._pending = None
+        if not more:
+            raise StopAsyncIteration
+        return item  # type: ignore[return-value]
+
+    async def aclose(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.cancel()
+            await asyncio.wait([pending])
+            if not pending.cancelled():
+                pending.exception()  # retrieved: it ended the stream, which is being closed
+        await self._items.aclose()  # type: ignore[attr-defined]
+
+
+async def _step(items: AsyncIterator[T]) -> tuple[bool, T | None]:
+    """The next item as ``(True, item)``, or ``(False, None)`` at the end (a task may not raise
+    ``StopAsyncIteration``)."""
+    try:
+        return True, await anext(items)
+    except StopAsyncIteration:
+        return False, None
 
 
 def compact(**fields: Any) -> dict[str, Any]:
@@ -62,7 +121,7 @@ class TokenStream:
     """``async for text in stream`` gives each token's text; then ``stream.done`` holds the
     final reply (also ``await stream.result()``, which drains the rest of the stream)."""
 
-    def __init__(self, replies: AsyncIterator[dict[str, Any]]) -> None:
+    def __init__(self, replies: Replies[dict[str, Any]]) -> None:
         self._replies = replies
         self.done: DoneReply | None = None
 
@@ -72,7 +131,7 @@ class TokenStream:
     async def __anext__(self) -> str:
         while self.done is None:
             try:
-                reply = await anext(self._replies)
+                reply = await self._replies.next()  # cancel-safe: a timeout loses nothing
             except StopAsyncIteration:
                 raise InvalidReply("the answer stream ended without a done reply") from None
             kind = reply.get("type")
@@ -86,7 +145,7 @@ class TokenStream:
                     return text
             else:
                 raise InvalidReply(f"unexpected reply {kind!r} in an answer stream")
-        await self._replies.aclose()  # type: ignore[attr-defined]
+        await self._replies.aclose()
         raise StopAsyncIteration
 
     async def result(self) -> DoneReply:
@@ -98,16 +157,14 @@ class TokenStream:
 
     async def aclose(self) -> None:
         """Stop reading (an unfinished answer is cancelled where the transport allows)."""
-        await self._replies.aclose()  # type: ignore[attr-defined]
+        await self._replies.aclose()
 
 
 class EventStream:
     """``async for event in stream``; ``stream.last_event_id`` is the id of the last event
     received (pass it to ``subscribe(..., last_event_id=...)`` to resume elsewhere)."""
 
-    def __init__(
-        self, events: AsyncIterator[tuple[str, dict[str, Any], int | None]], start: int | None
-    ) -> None:
+    def __init__(self, events: Replies[EventItem], start: int | None) -> None:
         self._events = events
         self.last_event_id = start
 
@@ -116,15 +173,18 @@ class EventStream:
 
     async def __anext__(self) -> Event:
         while True:
-            name, body, event_id = await anext(self._events)
+            name, body, event_id = await self._events.next()  # cancel-safe
             self.last_event_id = event_id if event_id is not None else self.last_event_id
+            if name == CURSOR:
+                continue
             event = decode_event(name, body)
             if event is not None:
                 return event
             log.debug("ignoring unknown event %r", name)
 
     async def aclose(self) -> None:
-        await self._events.aclose()  # type: ignore[attr-defined]
+        """Stops the stream; over TCP/WebSocket the daemon ends the subscription too."""
+        await self._events.aclose()
 
 
 class ClientBase(ABC):
@@ -186,8 +246,13 @@ class ClientBase(ABC):
         ``last_event_id``: resume after that event (default: events from now on)."""
         topics = None if events is None else list(events)
         stream = self._events(session_id, topics, last_event_id)
-        name, _, cursor = await anext(stream)
+        try:
+            name, _, cursor = await stream.next()
+        except BaseException:
+            await stream.aclose()
+            raise
         if name != SUBSCRIBED:
+            await stream.aclose()
             raise InvalidReply(f"an event stream must start with {SUBSCRIBED!r}, not {name!r}")
         return EventStream(stream, cursor)
 
@@ -225,11 +290,13 @@ class ClientBase(ABC):
     @abstractmethod
     def _request_stream(
         self, op: str, session_id: str, fields: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]: ...
+    ) -> Replies[dict[str, Any]]:
+        """The request is sent on the first ``next()``."""
 
     @abstractmethod
     def _events(
         self, session_id: str, events: list[str] | None, last_event_id: int | None
-    ) -> AsyncIterator[tuple[str, dict[str, Any], int | None]]:
+    ) -> Replies[EventItem]:
         """``(SUBSCRIBED, {}, cursor)`` once the subscription stands (cursor: the event after
-        which events follow, when known), then ``(name, body, event_id)`` for each event."""
+        which events follow, when known), then ``(name, body, event_id)`` for each event (or
+        ``(CURSOR, {}, event_id)``: no event, the stream's position moved)."""

@@ -11,7 +11,7 @@ from typing import Any, Protocol
 import msgspec
 
 from livelm.client.errors import InvalidReply
-from livelm.protocol.errors import TooLarge
+from livelm.protocol.errors import InvalidRequest, TooLarge
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # PROTOCOL.md's default, until the welcome says otherwise
 
@@ -42,8 +42,16 @@ class MessageCodec:
         self._decoder = module.Decoder()
 
     def encode(self, message: dict[str, Any]) -> bytes:
-        """``TooLarge`` for a message over ``max_frame``: refused before it is sent."""
-        payload = self._encoder.encode(message)
+        """``TooLarge`` for a message over ``max_frame``, ``InvalidRequest`` for a value the
+        encoding cannot hold (an int of 2**64 or more in MessagePack, a lone surrogate):
+        refused before it is sent, the connection stays usable."""
+        try:
+            payload = self._encoder.encode(message)
+        except (OverflowError, ValueError, msgspec.EncodeError) as exc:
+            encoding = "MessagePack" if self.binary else "JSON"
+            raise InvalidRequest(
+                f"a {message.get('type')!r} message cannot be encoded as {encoding}: {exc}"
+            ) from exc
         if len(payload) > self.max_frame:
             raise TooLarge(
                 f"a {message.get('type')!r} message of {len(payload)} bytes exceeds the "

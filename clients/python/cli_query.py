@@ -20,10 +20,13 @@ async def query(args: argparse.Namespace) -> int:
     async with await open_client(args) as client:
         if args.stream:
             stream = client.stream_generate(args.session, args.question, **options)
-            async for text in stream:
-                sys.stdout.write(text)
-                sys.stdout.flush()
-            await stream.result()
+            try:
+                async for text in stream:
+                    sys.stdout.write(text)
+                    sys.stdout.flush()
+                await stream.result()
+            finally:  # also when stdout closes (BrokenPipeError): the stream ends here
+                await stream.aclose()
             sys.stdout.write("\n")
         else:
             done = await client.generate(args.session, args.question, **options)

@@ -2,13 +2,15 @@
 into one line on stderr and an exit code.
 
 Exit codes: 0 done, 1 the daemon refused or the connection broke, 2 bad usage or input,
-3 the daemon cannot be reached, 130 interrupted.
+3 the daemon cannot be reached, 130 interrupted, 141 the output was closed (``| head``: as a
+process that SIGPIPE ends, quietly).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Awaitable, Callable
 
@@ -23,6 +25,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3
+EXIT_OUTPUT_CLOSED = 128 + 13  # what a shell reports for a process ended by SIGPIPE
 
 
 class UsageError(Exception):
@@ -44,6 +47,8 @@ def run_verb(name: str, args: argparse.Namespace) -> int:
         return _fail(name, f"{exc.message} ({_code(exc)})", EXIT_FAILED)
     except (ConnectionLost, InvalidReply) as exc:
         return _fail(name, str(exc), EXIT_FAILED)
+    except BrokenPipeError:
+        return _output_closed()
 
 
 async def open_client(args: argparse.Namespace) -> ClientBase:
@@ -72,6 +77,15 @@ def _verbs() -> dict[str, Verb]:
 
 def _code(exc: LiveLMError) -> str:
     return exc.wire_code if isinstance(exc, UnknownErrorCode) else exc.code.value
+
+
+def _output_closed() -> int:
+    """The reader of stdout went away: nothing more to say, and nothing to say it to. stdout
+    now writes to /dev/null, so that flushing it at exit raises no second error."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    return EXIT_OUTPUT_CLOSED
 
 
 def _fail(verb: str, message: str, code: int) -> int:

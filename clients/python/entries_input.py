@@ -3,19 +3,21 @@
 JSONL: one JSON value per non-empty line (an object, a string, a list...). CSV: a header row,
 then one object per row keyed by the header; a cell that reads as a number (``187.2``, ``900``)
 becomes a number, so formats such as ``ohlcv`` get numbers; other cells stay strings.
+Files are read as UTF-8 with or without a byte order mark (Excel writes one).
 """
 
 from __future__ import annotations
 
 import csv
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
 import msgspec
 
 INPUT_KINDS = ("auto", "jsonl", "csv")
+ENCODING = "utf-8-sig"  # UTF-8; a leading byte order mark is dropped
 _CSV_SUFFIXES = {".csv"}
 
 _json = msgspec.json.Decoder()
@@ -33,7 +35,16 @@ def input_kind(path: str, requested: str) -> str:
 
 
 def read_entries(stream: TextIO, kind: str) -> Iterator[Any]:
+    return (entry for _, entry in numbered_entries(stream, kind))
+
+
+def numbered_entries(stream: TextIO, kind: str) -> Iterator[tuple[int, Any]]:
+    """``(line, entry)``: each entry with the number of the line it starts on."""
     return _csv_entries(stream) if kind == "csv" else _jsonl_entries(stream)
+
+
+def open_input(path: Path) -> TextIO:
+    return path.open(encoding=ENCODING, newline="")
 
 
 def batches(entries: Iterable[Any], size: int) -> Iterator[list[Any]]:
@@ -47,23 +58,39 @@ def batches(entries: Iterable[Any], size: int) -> Iterator[list[Any]]:
         yield batch
 
 
-def count_entries(path: Path, kind: str) -> int:
-    """How many entries a file holds (a first pass, for the progress bar)."""
-    with path.open(encoding="utf-8", newline="") as stream:
-        return sum(1 for _ in read_entries(stream, kind))
+def count_entries(path: Path, kind: str, check: Callable[[Any], object] | None = None) -> int:
+    """How many entries a file holds (a first pass, for the progress bar), each passed to
+    ``check`` (which raises ``InputError`` for one that cannot be sent)."""
+    with open_input(path) as stream:
+        entries = numbered_entries(stream, kind)
+        if check is not None:
+            entries = checked(entries, check)
+        return sum(1 for _ in entries)
 
 
-def _jsonl_entries(stream: TextIO) -> Iterator[Any]:
+def checked(
+    entries: Iterable[tuple[int, Any]], check: Callable[[Any], object]
+) -> Iterator[tuple[int, Any]]:
+    """The entries, each passed to ``check`` first; its ``ValueError`` names the line."""
+    for number, entry in entries:
+        try:
+            check(entry)
+        except ValueError as exc:
+            raise InputError(f"line {number}: {exc}") from exc
+        yield number, entry
+
+
+def _jsonl_entries(stream: TextIO) -> Iterator[tuple[int, Any]]:
     for number, line in enumerate(stream, start=1):
         if not line.strip():
             continue
         try:
-            yield _json.decode(line)
+            yield number, _json.decode(line)
         except msgspec.DecodeError as exc:
             raise InputError(f"line {number}: not valid JSON: {exc}") from exc
 
 
-def _csv_entries(stream: TextIO) -> Iterator[dict[str, Any]]:
+def _csv_entries(stream: TextIO) -> Iterator[tuple[int, dict[str, Any]]]:
     reader = csv.reader(stream)
     header = next(reader, None)
     if header is None:
@@ -71,14 +98,14 @@ def _csv_entries(stream: TextIO) -> Iterator[dict[str, Any]]:
     names = [name.strip() for name in header]
     if any(not name for name in names) or len(set(names)) != len(names):
         raise InputError(f"line 1: the CSV header needs distinct, non-empty names: {header}")
+    end = reader.line_num  # the line a row ends on; it starts after the previous one
     for row in reader:
+        start, end = end + 1, reader.line_num
         if not row:
             continue
         if len(row) != len(names):
-            raise InputError(
-                f"line {reader.line_num}: {len(row)} fields, the header has {len(names)}"
-            )
-        yield {name: _cell(value) for name, value in zip(names, row, strict=True)}
+            raise InputError(f"line {start}: {len(row)} fields, the header has {len(names)}")
+        yield start, {name: _cell(value) for name, value in zip(names, row, strict=True)}
 
 
 def _cell(text: str) -> Any:

@@ -1,18 +1,21 @@
 """The HTTP client (aiohttp): the session routes of docs/API.md, SSE for streamed answers, and
-the session event stream with automatic ``Last-Event-ID`` resume when the connection drops."""
+the session event stream with automatic ``Last-Event-ID`` resume when the connection drops.
+
+Streams are read through ``CancelSafe``: a cancelled ``next()`` (a timeout) loses nothing.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import quote
 
 import aiohttp
 import msgspec
 
-from livelm.client.base import SUBSCRIBED, ClientBase
+from livelm.client.base import CURSOR, SUBSCRIBED, CancelSafe, ClientBase, EventItem
 from livelm.client.errors import (
     ConnectionLost,
     DaemonUnreachable,
@@ -28,6 +31,9 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 RECONNECT_ATTEMPTS = 5  # consecutive failed reconnects of an event stream before giving up
 RECONNECT_DELAY = 0.5  # seconds, doubled after each failure up to RECONNECT_MAX_DELAY
 RECONNECT_MAX_DELAY = 5.0
+# seconds a request may wait for its reply before the daemon must show it still answers; the
+# TCP and WebSocket clients give their handshake as long
+DEFAULT_READ_TIMEOUT = 10.0
 
 # op -> (method, path); {sid} is the session id
 ROUTES: dict[str, tuple[str, str]] = {
@@ -43,6 +49,7 @@ EVENTS_PATH = "/v1/sessions/{sid}/events"
 FLASH_PATH = "/v1/sessions/{sid}/flash"
 
 _json = msgspec.json.Decoder()
+T = TypeVar("T")
 
 
 class _Answers(msgspec.Struct):
@@ -58,8 +65,12 @@ class HttpClient(ClientBase):
         *,
         api_key: str | None = None,
         connect_timeout: float = 10.0,
+        read_timeout: float | None = DEFAULT_READ_TIMEOUT,
         reconnect_attempts: int = RECONNECT_ATTEMPTS,
     ) -> None:
+        """``read_timeout``: when a reply has not begun after that many seconds, the daemon
+        must answer ``GET /health`` within as long, else ``DaemonUnreachable``; a slow answer
+        of a live daemon is waited for (None: wait forever, never ask)."""
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"not an http:// or https:// URL: {url!r}")
         self.url = url.rstrip("/")
@@ -67,9 +78,13 @@ class HttpClient(ClientBase):
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key is not None else {}
         # no overall deadline: answers and event streams may take as long as they take
         self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout)
+        self.read_timeout = read_timeout
         self._session: aiohttp.ClientSession | None = None
+        self._closed = False
 
     async def aclose(self) -> None:
+        """Closes the client; later calls raise ``ConnectionLost``."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -86,17 +101,28 @@ class HttpClient(ClientBase):
         method, path = _route(op, session_id)
         return await self._call(method, path, fields if method == "POST" else None)
 
-    async def _request_stream(
+    def _request_stream(
+        self, op: str, session_id: str, fields: dict[str, Any]
+    ) -> CancelSafe[dict[str, Any]]:
+        return CancelSafe(self._answer_replies(op, session_id, fields))
+
+    def _events(
+        self, session_id: str, events: list[str] | None, last_event_id: int | None
+    ) -> CancelSafe[EventItem]:
+        return CancelSafe(self._event_items(session_id, events, last_event_id))
+
+    async def _answer_replies(
         self, op: str, session_id: str, fields: dict[str, Any]
     ) -> AsyncIterator[dict[str, Any]]:
         method, path = _route(op, session_id)
         async with self._open(method, path, fields) as response:
-            async for event in _sse_events(response, self.url):
-                yield _stream_reply(event)
+            async for event in _sse_events(response, self.url, SseParser()):
+                if not event.id_only:
+                    yield _stream_reply(event)
 
-    async def _events(
+    async def _event_items(
         self, session_id: str, events: list[str] | None, last_event_id: int | None
-    ) -> AsyncIterator[tuple[str, dict[str, Any], int | None]]:
+    ) -> AsyncIterator[EventItem]:
         path = EVENTS_PATH.format(sid=_quote(session_id))
         params = {"events": ",".join(events)} if events else None
         cursor, connected, failures = last_event_id, False, 0
@@ -104,11 +130,14 @@ class HttpClient(ClientBase):
             headers = {"Last-Event-ID": str(cursor)} if cursor is not None else {}
             try:
                 async with self._open("GET", path, None, params, headers) as response:
-                    if not connected:
-                        connected = True
-                        yield SUBSCRIBED, {}, cursor
-                    async for event in _sse_events(response, self.url):
+                    async for event in _sse_events(response, self.url, SseParser()):
+                        if not connected:  # subscribed; the opening block says from where
+                            connected = True
+                            yield SUBSCRIBED, {}, _opening_id(event, cursor)
                         cursor = _event_id(event.id) if event.id is not None else cursor
+                        if event.id_only:  # an opening block: where the stream starts
+                            yield CURSOR, {}, cursor
+                            continue
                         failures = 0
                         yield event.name, _json_map(event.data), cursor
                 # a clean end: the session closed, or the daemon is stopping; asking again
@@ -157,9 +186,10 @@ class HttpClient(ClientBase):
         if data is not None:
             send_headers["Content-Type"] = "application/json"
         try:
-            async with session.request(
+            request = session.request(
                 method, self.url + path, data=data, params=params, headers=send_headers
-            ) as response:
+            )
+            async with await self._answered(asyncio.ensure_future(_awaited(request))) as response:
                 if response.status >= 400:
                     raise await _error(response)
                 yield response
@@ -168,10 +198,48 @@ class HttpClient(ClientBase):
             raise DaemonUnreachable(
                 f"cannot connect to the daemon at {self.url}: {reason}"
             ) from exc
+        except aiohttp.ClientResponseError as exc:  # no HTTP came back: another service
+            raise DaemonUnreachable(
+                f"cannot connect to the daemon at {self.url}: its reply is not HTTP "
+                f"({exc.message.splitlines()[0] if exc.message else exc.status})"
+            ) from exc
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise ConnectionLost(f"the connection to {self.url} broke: {exc}") from exc
 
+    async def _answered(
+        self, request: asyncio.Future[aiohttp.ClientResponse]
+    ) -> aiohttp.ClientResponse:
+        """The response once its headers are in. While they take over ``read_timeout``, the
+        daemon must show it is alive: a slow answer, or a push held back by backpressure,
+        waits as long as it takes; a hung daemon (or a silent peer) is ``DaemonUnreachable``."""
+        try:
+            while True:
+                done, _ = await asyncio.wait([request], timeout=self.read_timeout)
+                if done:
+                    return request.result()
+                await self._probe()
+        except BaseException:
+            request.cancel()
+            if request.done() and not request.cancelled() and request.exception() is None:
+                request.result().close()  # answered just as we gave up: nobody will read it
+            raise
+
+    async def _probe(self) -> None:
+        """Returns once the daemon answers ``GET /health`` (any status: it is alive)."""
+        timeout = aiohttp.ClientTimeout(total=self.read_timeout)
+        try:
+            async with self._client_session().get(self.url + "/health", timeout=timeout):
+                return
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            reason = "no reply" if isinstance(exc, asyncio.TimeoutError) else str(exc)
+            raise DaemonUnreachable(
+                f"cannot connect to the daemon at {self.url}: it does not answer "
+                f"({reason} in {self.read_timeout}s)"
+            ) from exc
+
     def _client_session(self) -> aiohttp.ClientSession:
+        if self._closed:
+            raise ConnectionLost(f"the client of {self.url} is closed")
         if self._session is None:
             self._session = aiohttp.ClientSession(timeout=self._timeout)
         return self._session
@@ -209,8 +277,13 @@ def _retry_after(value: str | None) -> float | None:
         return None  # an HTTP date: this client does not wait on those
 
 
-async def _sse_events(response: aiohttp.ClientResponse, where: str) -> AsyncIterator[SseEvent]:
-    parser = SseParser()
+async def _awaited(request: Awaitable[T]) -> T:
+    return await request
+
+
+async def _sse_events(
+    response: aiohttp.ClientResponse, where: str, parser: SseParser
+) -> AsyncIterator[SseEvent]:
     try:
         async for chunk in response.content.iter_any():
             for event in parser.feed(chunk):
@@ -245,6 +318,11 @@ def _event_id(text: str) -> int:
         return int(text)
     except ValueError:
         raise InvalidReply(f"an SSE event id that is not an integer: {text[:40]!r}") from None
+
+
+def _opening_id(event: SseEvent, cursor: int | None) -> int | None:
+    """Where a stream starts: its opening id-only block, else (an older daemon) ``cursor``."""
+    return _event_id(event.id) if event.id_only and event.id is not None else cursor
 
 
 def _backoff(failures: int, exc: Exception | None) -> float:

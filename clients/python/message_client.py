@@ -9,25 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import Awaitable
 from typing import Any
 
-import msgspec
-
 from livelm import __version__
-from livelm.client.base import SUBSCRIBED, ClientBase
+from livelm.client.base import ClientBase
 from livelm.client.channel import Channel
-from livelm.client.errors import ConnectionLost, InvalidReply, error_from_message
-from livelm.client.event_filter import EventFilter
-from livelm.client.replies import EVENT_TYPES, Welcome, decode_reply
+from livelm.client.errors import (
+    ConnectionLost,
+    DaemonUnreachable,
+    InvalidReply,
+    error_from_message,
+)
+from livelm.client.replies import Welcome, decode_reply
+from livelm.client.route_streams import AnswerReplies, SubscriptionEvents
 from livelm.client.router import RequestRouter, Route
 
 PROTOCOL_VERSION = 1
 CLIENT_NAME = f"livelm-python/{__version__}"
-
-
-class _Subscribed(msgspec.Struct):
-    last_event_id: int
 
 
 class MessageClient(ClientBase):
@@ -41,12 +40,23 @@ class MessageClient(ClientBase):
     async def start(
         cls, channel: Channel, *, api_key: str | None = None, timeout: float = 10.0
     ) -> MessageClient:
-        """Says hello on ``channel`` and returns the client once the daemon welcomed it."""
+        """Says hello on ``channel`` and returns the client once the daemon welcomed it.
+
+        A peer that does not answer with a welcome is no LiveLM daemon (a hung one, or another
+        service on that port): ``DaemonUnreachable``, as when nothing listens there."""
         try:
             welcome = await asyncio.wait_for(_handshake(channel, api_key), timeout)
         except asyncio.TimeoutError as exc:
             await channel.close()
-            raise ConnectionLost(f"no welcome from {channel.description} in {timeout}s") from exc
+            raise DaemonUnreachable(
+                f"cannot connect to the daemon at {channel.description}: no welcome in {timeout}s"
+            ) from exc
+        except (ConnectionLost, InvalidReply) as exc:
+            await channel.close()
+            raise DaemonUnreachable(
+                f"cannot connect to the daemon at {channel.description}: the handshake failed: "
+                f"{exc}"
+            ) from exc
         except BaseException:
             await channel.close()
             raise
@@ -81,43 +91,26 @@ class MessageClient(ClientBase):
         finally:
             route.close()
 
-    async def _request_stream(
-        self, op: str, session_id: str, fields: dict[str, Any]
-    ) -> AsyncIterator[dict[str, Any]]:
-        route = await self._send(op, session_id, fields)
-        try:
-            while True:
-                reply = await route.next()
-                yield reply
-                if reply.get("type") != "token":
-                    return
-        finally:
-            route.close()
+    def _request_stream(self, op: str, session_id: str, fields: dict[str, Any]) -> AnswerReplies:
+        return AnswerReplies(lambda: self._send(op, session_id, fields))
 
-    async def _events(
+    def _events(
         self, session_id: str, events: list[str] | None, last_event_id: int | None
-    ) -> AsyncIterator[tuple[str, dict[str, Any], int | None]]:
+    ) -> SubscriptionEvents:
         fields: dict[str, Any] = {} if events is None else {"events": events}
         if last_event_id is not None:
             fields["last_event_id"] = last_event_id
-        route = await self._send("subscribe", session_id, fields, subscribe_to=session_id)
-        wanted = EventFilter(events)
-        try:
-            while True:
-                message = await route.next()  # raises the error of a refused subscription
-                kind = message.get("type")
-                event_id = message.get("event_id")
-                event_id = event_id if isinstance(event_id, int) else None
-                if kind == SUBSCRIBED:
-                    cursor = decode_reply(message, _Subscribed).last_event_id
-                    wanted.started(cursor)
-                    yield SUBSCRIBED, {}, cursor
-                elif kind not in EVENT_TYPES:
-                    return  # a reply with our id that is no event ends the subscription
-                elif wanted.wants(kind, event_id):
-                    yield kind, message, event_id
-        finally:
-            route.close()
+
+        def subscribe() -> Awaitable[Route]:
+            return self._send("subscribe", session_id, fields, subscribe_to=session_id)
+
+        return SubscriptionEvents(subscribe, self._unsubscribe, events, self.where)
+
+    async def _unsubscribe(self, route: Route) -> None:
+        """Asks the daemon to end the subscription made by the request of ``route``."""
+        if self._router.failure is not None:
+            raise self._router.failure
+        await self.channel.send({"type": "unsubscribe", "id": route.id})
 
     async def _send(
         self,

@@ -64,6 +64,7 @@ class Status(msgspec.Struct, kw_only=True):
     dropped_entries: int | None = None
     template: str | None = None
     format: str | None = None
+    error: str | None = None  # why the session stopped advancing; its queries then fail
 
 
 class _Ack(msgspec.Struct):

@@ -3,6 +3,9 @@
 ``SseParser().feed(chunk)`` returns the events completed by ``chunk``: ``event:`` names it
 (``message`` when absent), ``data:`` lines are joined by newlines, ``id:`` sets the id that a
 reconnecting client sends back as ``Last-Event-ID``. Comment lines (``:``) are keep-alives.
+As in a browser, an id takes effect when its block ends, and a block with an id but no data
+sets it without an event; ``feed`` reports such a block as an ``id_only`` event, so that a
+reader learns where a stream starts before its first event.
 """
 
 from __future__ import annotations
@@ -19,12 +22,18 @@ class SseEvent:
     data: str
     id: str | None  # the last id seen on the stream so far (SSE carries it over)
 
+    @property
+    def id_only(self) -> bool:
+        """A block that only set the id: no event to dispatch."""
+        return not self.name
+
 
 class SseParser:
     def __init__(self) -> None:
         self._pending = b""
         self._name = ""
         self._data: list[str] = []
+        self._id: str | None = None  # an id line of the block being read
         self.last_id: str | None = None
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
@@ -55,12 +64,14 @@ class SseParser:
         elif field == "data":
             self._data.append(value)
         elif field == "id" and "\0" not in value:
-            self.last_id = value
+            self._id = value
         return None  # "retry" and unknown fields do not concern this client
 
     def _dispatch(self) -> SseEvent | None:
-        name, data = self._name or "message", self._data
-        self._name, self._data = "", []
+        name, data, new_id = self._name or "message", self._data, self._id
+        self._name, self._data, self._id = "", [], None
+        if new_id is not None:
+            self.last_id = new_id
         if not data:
-            return None
+            return None if new_id is None else SseEvent("", "", self.last_id)
         return SseEvent(name, "\n".join(data), self.last_id)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from concurrent.futures import Future
 from types import TracebackType
 from typing import Any, TypeVar
 
 from livelm.client.base import ClientBase, TokenStream
+from livelm.client.errors import ConnectionLost
 from livelm.client.http import DEFAULT_URL, HttpClient
 from livelm.client.replies import DoneReply, Event, SessionInfo, Status
 from livelm.client.tcp import DEFAULT_PORT, connect_tcp
@@ -32,7 +34,16 @@ class _LoopThread:
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
 
+    @property
+    def stopped(self) -> bool:
+        return self.loop.is_closed()
+
     def run(self, work: Awaitable[T]) -> T:
+        """``work``'s result; ``ConnectionLost`` once the client is closed."""
+        if self.stopped:
+            if asyncio.iscoroutine(work):
+                work.close()  # never to run: no "never awaited" warning
+            raise ConnectionLost("the client is closed")
         future: Future[T] = asyncio.run_coroutine_threadsafe(_await(work), self.loop)
         try:
             return future.result()
@@ -48,10 +59,12 @@ class _LoopThread:
                 except StopAsyncIteration:
                     return
         finally:
-            if self.loop.is_running():  # else the client is closed, and its streams with it
+            if not self.stopped:  # else the client is closed, and its streams with it
                 self.run(items.aclose())  # type: ignore[attr-defined]
 
     def stop(self) -> None:
+        if self.stopped:
+            return
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join()
         self.loop.close()
@@ -67,6 +80,9 @@ class SyncClient:
     def __init__(self, loop: _LoopThread, client: ClientBase) -> None:
         self._loop = loop
         self.client = client
+        # closes the connection even if close() is never called (at garbage collection or
+        # exit), so no task of the loop is destroyed while pending; runs at most once
+        self._closer = weakref.finalize(self, _shut_down, loop, client)
 
     @classmethod
     def tcp(cls, host: str = "127.0.0.1", port: int = DEFAULT_PORT, **options: Any) -> SyncClient:
@@ -120,10 +136,9 @@ class SyncClient:
         self._loop.run(self.client.ping())
 
     def close(self) -> None:
-        try:
-            self._loop.run(self.client.aclose())
-        finally:
-            self._loop.stop()
+        """Closes the connection and the loop; again is a no-op, a later call raises
+        ``ConnectionLost``."""
+        self._closer()
 
     def __enter__(self) -> SyncClient:
         return self
@@ -150,6 +165,14 @@ class SyncTokenStream:
     @property
     def done(self) -> DoneReply | None:
         return self._stream.done
+
+
+def _shut_down(loop: _LoopThread, client: ClientBase) -> None:
+    try:
+        if loop.loop.is_running():
+            loop.run(client.aclose())
+    finally:
+        loop.stop()
 
 
 async def _http(url: str, options: dict[str, Any]) -> ClientBase:
