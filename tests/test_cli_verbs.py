@@ -284,13 +284,17 @@ def test_bad_input_exits_2_naming_the_line(demo_daemon: DaemonProcess, tmp_path:
     library(demo_daemon, "close_session", sid)
 
 
-def test_init_of_an_existing_session_is_refused(demo_daemon: DaemonProcess) -> None:
+def test_init_prompt_pushes_into_the_session_a_rerun_finds_open(demo_daemon: DaemonProcess) -> None:
+    # running the README's command again (more bars the next day) used to fail: already exists
     sid = library(demo_daemon, "init", "", template="raw").session_id
-    result = livelm(
-        demo_daemon, "push", "--session", sid, "--init-prompt", "again", "-", stdin='"x"\n'
-    )
-    assert result.returncode == 1 and "already exists" in result.stderr
-    assert library(demo_daemon, "status", sid).data_seq == 0
+    again = ["push", "--session", sid, "--init-prompt", "again", "--template", "raw", "-"]
+    result = livelm(demo_daemon, *again, stdin='"x"\n')
+    assert result.returncode == 0 and "open already" in result.stderr, result.stderr
+    assert library(demo_daemon, "status", sid).data_seq == 1
+    other = ["push", "--session", sid, "--init-prompt", "again", "--format", "ohlcv", "-"]
+    refused = livelm(demo_daemon, *other, stdin='"y"\n')
+    assert refused.returncode == 2 and "format 'text', not 'ohlcv'" in refused.stderr
+    assert library(demo_daemon, "status", sid).data_seq == 1
     library(demo_daemon, "close_session", sid)
 
 

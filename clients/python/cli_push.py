@@ -26,7 +26,7 @@ from livelm.client.entries_input import (
 )
 from livelm.client.entry_feed import EntryFeed
 from livelm.daemon.progress import Progress
-from livelm.protocol.errors import InvalidRequest
+from livelm.protocol.errors import InvalidRequest, UnknownSession
 
 # the daemon names a refused entry by its index in the push: "data[12].h: missing"
 _ENTRY_INDEX = re.compile(r"^data\[(\d+)\]\.?")
@@ -43,18 +43,33 @@ async def push(args: argparse.Namespace) -> int:
         client = await open_client(args)
         try:
             if args.init_prompt is not None:
-                await client.init(
-                    args.init_prompt,
-                    session_id=args.session,
-                    template=args.template,
-                    format=args.format,
-                )
+                await _init_unless_open(client, args)
             feed = EntryFeed(checked(numbered_entries(stream, kind), check), args.batch)
             pushed, seq = await _push_all(client, args, feed, total)
         finally:
             await client.aclose()
     print(f"pushed {pushed} entries to {args.session}; last seq {seq}")
     return 0
+
+
+async def _init_unless_open(client: ClientBase, args: argparse.Namespace) -> None:
+    """Creates the session; one already open (an earlier run of the same command) is pushed
+    into, if its template and format are the ones asked for."""
+    try:
+        status = await client.status(args.session)
+    except UnknownSession:
+        await client.init(
+            args.init_prompt, session_id=args.session, template=args.template, format=args.format
+        )
+        return
+    for name in ("template", "format"):
+        wanted, has = getattr(args, name), getattr(status, name)
+        if wanted is not None and wanted != has:
+            raise UsageError(
+                f"session {args.session} is open with {name} {has!r}, not {wanted!r}; close it "
+                "first, or push without --init-prompt"
+            )
+    print(f"livelm push: session {args.session} is open already; pushing into it", file=sys.stderr)
 
 
 async def _push_all(
