@@ -152,17 +152,20 @@ def candidates() -> list[Candidate]:
     return [
         # both grids depend only on the batch's row and sequence counts (fixed in a captured
         # graph); the host lists only steer tile and split choices, which any replay survives
+        # Hopper only, written in Gluon: each key tile's softmax overlaps the value product
+        # (asynchronous warpgroup MMAs). First: in the stream bench (H100, three runs each) it
+        # took the first token 0.1-0.3 ms lower at 8k-32k, push -> queryable p99 9.7 against
+        # 10.6 ms, ingest within 1-3% (perf/NOTES.md, twelfth session)
+        make("prefill_attention", "paged_prefill_gluon", gluon_alone, _attention_reason,
+             gluon_reason),
         # with 64-token KV blocks on Hopper, prefill loads unsplit programs' key tiles by TMA
         # (faster long chunks); the pointer kernel everywhere else
         make("prefill_attention", "paged_prefill_tma", paged_prefill.paged_prefill_attention_tma,
              _tma_attention_reason),
         make("prefill_attention", "paged_prefill", paged_prefill.paged_prefill_attention,
              _attention_reason),
-        # Hopper only, written in Gluon: each key tile's softmax overlaps the value product
-        # (asynchronous warpgroup MMAs); alone, and for split launches only (the TMA kernel
-        # takes long chunks); opt-in (a policy names them) until measured on the GPU
-        make("prefill_attention", "paged_prefill_gluon", gluon_alone, _attention_reason,
-             gluon_reason, opt_in=True),
+        # Gluon for split launches only, the TMA kernel for the rest: opt-in (a policy names
+        # it); in the same runs it was no better than the Triton kernels alone
         make("prefill_attention", "paged_prefill_gluon_splits", gluon_splits, _attention_reason,
              _tma_attention_reason, gluon_reason, opt_in=True),
         make("decode_attention", "paged_decode_splitk", paged_decode.paged_decode_attention,

@@ -54,10 +54,15 @@ else:
     tma_load = tma.async_load if hasattr(tma, "async_load") else tma.async_copy_global_to_shared
 
 PAGE = 64  # tokens per KV block: one key tile per TMA copy
-STAGES = 4  # key tiles in flight: 32 KiB of K and V each, beside 32 KiB of Q (128 rows)
-BLOCK_M = 128  # rows per program: two warpgroups of 64
-WARPS = 8
-SPLIT_PROGRAMS_PER_SM = 1  # 160 KiB of shared memory: one program per SM
+# 64 rows (one warpgroup), 3 key tiles in flight (48 KiB of K and V beside 16 KiB of Q), two
+# programs an SM: the fastest of the A/B at every bench shape but 64 questions over 4k keys
+# (H100, gluon_ab.py: a 32-token question over 19k keys 41.0 us a layer against 43.8 for the
+# Triton kernel and 42.5 for 128 rows in 8 warps with 4 stages; a 4096-token chunk over 8k
+# keys 880.9 against 937.6 and 968.8)
+STAGES = 3
+BLOCK_M = 64
+WARPS = 4
+SPLIT_PROGRAMS_PER_SM = 2
 
 
 def unsupported_reason(dtype: torch.dtype, head_dim: int, num_heads: int, num_kv_heads: int,
