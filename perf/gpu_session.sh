@@ -46,7 +46,8 @@
 # at 4k, FANOUT_SESSIONS; 16 measured on 2026-12-07) with the packed data graphs and without.
 # gluon: the Gluon prefill attention's tests, its A/B against the Triton kernel at the bench's
 # shapes (GLUON_CONFIGS: BLOCK_M/warps/stages/programs per SM), and the stream bench without
-# baselines or 64 sessions, bound to it for split launches only, as usual, and to it alone.
+# baselines or 64 sessions, with the Triton prefill kernel (tma_prefill_policy.yaml) and with
+# the default (Gluon on Hopper since 83531e3), packed graphs off (start-up 25 s shorter).
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -286,7 +287,7 @@ if [ "$MODE" = gluon ]; then  # the Gluon prefill attention: tests, kernel A/B, 
     step gluon_tests 150 python3 -m pytest -q -x tests/test_gluon_attention.py
     step gluon_ab 150 python3 perf/gluon_ab.py \
         --configs "${GLUON_CONFIGS:-128/8/4/1,128/8/2/1,64/4/3/2}" --out "$SCRATCH/gluon_ab.json"
-    for policy in gluon_splits bench gluon; do  # packed graphs off: start-up 25 s shorter
+    for policy in tma_prefill bench; do  # the Triton kernel, then Gluon (the default now)
         step "stream_$policy" 130 python3 perf/stream_bench.py --skip-hf --skip-stateless \
             --repeats 8 --push-samples 50 --sessions 0 --graph-max-data-seqs 0 \
             --kernel-policy "perf/${policy}_policy.yaml" --out "$SCRATCH/stream_$policy"
