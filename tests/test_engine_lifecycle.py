@@ -1,5 +1,8 @@
-"""Session admission on a real engine: concurrent inits of one id, the session limit under
-concurrency, and the part of the KV pool that sessions leave to queries."""
+"""A real engine's sessions and queries over their lifetime: admission (concurrent inits of
+one id, the session limit, the part of the KV pool sessions leave to queries, blocks pinned
+while queries read a closed or trimmed session), status while data is queued, long questions
+tokenized off the loop, flash rounds retried for KV room, and how the drain and closes end
+answers and subscriptions."""
 
 from __future__ import annotations
 
