@@ -30,6 +30,15 @@ def loaded(folder: Path, cache_dir: Path, device: str = "cpu") -> LoadedModel:
     return _models[key]
 
 
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Polls ``condition`` on the loop; a test failure (not a hang) if it never holds."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
 def run_engine(
     model: LoadedModel, scenario: Callable[[Engine], Awaitable[T]], **overrides: Any
 ) -> T:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import gc
 import weakref
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,7 @@ from livelm.daemon.engine.engine import Engine
 from livelm.daemon.model.demo import ensure_demo_model
 from livelm.protocol.errors import ContextFull, InvalidRequest, Overloaded
 from livelm.protocol.messages import FlashSpec, GenerateRequest, InitRequest
-from tests.engine_harness import loaded, run_engine
+from tests.engine_harness import loaded, run_engine, wait_until
 
 # long enough that the engine tokenizes it on a thread (its init then yields to the loop), and
 # about 6k tokens of the demo tokenizer, within its 8k context
@@ -278,15 +277,6 @@ def test_a_closed_session_is_let_go(demo_folder: Path, tmp_path: Path) -> None:
     assert run_engine(model, scenario) is None
 
 
-async def _until(condition: Callable[[], bool], limit_s: float = 60.0) -> None:
-    """Waits for ``condition``; a test failure (not a hang) if it never holds."""
-    async def poll() -> None:
-        while not condition():
-            await asyncio.sleep(0.05)
-
-    await asyncio.wait_for(poll(), limit_s)
-
-
 def _longest_fitting(engine: Engine, sid: str, question: int = 8) -> int:
     """The largest max_tokens whose query the free KV blocks (and the context) still hold."""
     context = engine.sessions[sid].context_tokens
@@ -309,7 +299,7 @@ def test_a_flash_round_without_kv_room_is_asked_again(demo_folder: Path, tmp_pat
         await engine.push(watched, ["tick 1 price 100"])
         events = engine.subscribe(watched, frozenset({"flash"}))
         await anext(events)  # the first round's answer
-        await _until(lambda: not engine.metrics()["flash_rounds_inflight"])  # and any after it
+        await wait_until(lambda: not engine.metrics()["flash_rounds_inflight"], 60.0)  # and any after it
         filler = (await engine.init_session(InitRequest(prompt="B.", template="raw"))).session_id
         await _fill(engine, filler)
         long = GenerateRequest(prompt="Story?", max_tokens=_longest_fitting(engine, filler))
@@ -318,7 +308,7 @@ def test_a_flash_round_without_kv_room_is_asked_again(demo_folder: Path, tmp_pat
         seq = (await engine.push(watched, ["t"])).seq  # fits the watched session's spare block
         await handle.result()
         # answers are published only when their text changes: read the cached one instead
-        await _until(lambda: engine.flash_answers(watched)[0].data_seq >= seq)
+        await wait_until(lambda: engine.flash_answers(watched)[0].data_seq >= seq, 60.0)
         return engine.counters["flash_rounds_retried_total"], seq
 
     retried, seq = run_engine(model, scenario, kv_cache_tokens=4096)

@@ -16,7 +16,7 @@ from livelm.daemon.engine.conversations import Completion
 from livelm.daemon.engine.engine import Engine
 from livelm.protocol.errors import InvalidRequest, Overloaded
 from livelm.protocol.messages import DoneReply, GenerateRequest, InitRequest
-from tests.engine_harness import loaded, run_engine
+from tests.engine_harness import loaded, run_engine, wait_until
 from tests.tiny_models import hf_greedy, make_tiny_checkpoint
 
 ANSWER = 6
@@ -149,7 +149,7 @@ def test_conversation_count_limit_evicts_least_recently_used(folder: Path, tmp_p
     async def scenario(engine: Engine) -> tuple[dict[str, float], int, int]:
         for p in prompts:
             await answer(engine, p)
-        await wait_for(lambda: engine.metrics()["prefix_cache_conversations"] <= 2)
+        await wait_until(lambda: engine.metrics()["prefix_cache_conversations"] <= 2)
         oldest, _ = await answer(engine, prompts[0] + [5])  # evicted: nothing to reuse
         newest, _ = await answer(engine, prompts[-1] + [5])  # kept: its prompt but the last
         return engine.metrics(), oldest.cached_tokens, newest.cached_tokens
@@ -259,9 +259,3 @@ async def generate_retrying(engine: Engine, sid: str, req: GenerateRequest) -> D
     raise AssertionError("the query never found room")
 
 
-async def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not condition():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)

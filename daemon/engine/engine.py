@@ -75,7 +75,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("livelm.engine")
 TOKENIZE_OFF_LOOP_ENTRIES = 64  # larger pushes are tokenized on a thread
 GREEDY_BELOW_TEMPERATURE = 1e-5
-TOKENIZE_OFF_LOOP_CHARS = 16384  # and questions longer than this (about 2 ms of tokenizing)
+TOKENIZE_OFF_LOOP_CHARS = 16384  # and texts longer than this: about 2 ms of tokenizing
 RING_RETRY_S = 0.05
 
 
@@ -250,7 +250,7 @@ class Engine:
         if req.template == "chat" and self.tokenizer.chat_template is None:
             raise InvalidRequest("this model has no chat template; use template 'raw'")
         layout = await self._off_loop(
-            build_layout, self.tokenizer, req.template, req.prompt, big=len(req.prompt) // 256
+            build_layout, self.tokenizer, req.template, req.prompt, chars=len(req.prompt)
         )
         if len(layout.opening) >= window:
             raise TooLarge(f"the prompt takes {len(layout.opening)} tokens; the window is {window}")
@@ -362,7 +362,7 @@ class Engine:
                 await self.conversations.make_room(growth + pin)
             if pin:  # the rebuild after the trim comes beside the old blocks queries still read
                 self.budget.pin(pin)
-            if needed > session.reserved_blocks:
+            if growth:
                 try:
                     self.budget.grow_live_session(session.reserved_blocks, needed)
                 except LiveLMError:
@@ -592,7 +592,7 @@ class Engine:
         limit = self.config.max_new_tokens
         if not 1 <= spec.max_tokens <= limit:
             raise InvalidRequest(f"{where}max_tokens must be between 1 and {limit}")
-        tokens = await self._off_loop(self.tokenizer.encode, spec.query, big=len(spec.query) // 256)
+        tokens = await self._off_loop(self.tokenizer.encode, spec.query, chars=len(spec.query))
         size = len(tokens) + len(question_suffix)
         room = min(self.config.max_entry_tokens, self.max_context)
         if size + spec.max_tokens > room:
@@ -651,8 +651,9 @@ class Engine:
         if self.worker_failed:
             raise Overloaded("the inference worker stopped; see the daemon log", retry_after=5.0)
 
-    async def _off_loop(self, fn: Any, *args: Any, big: int = 0) -> Any:
-        if big > TOKENIZE_OFF_LOOP_ENTRIES:
+    async def _off_loop(self, fn: Any, *args: Any, big: int = 0, chars: int = 0) -> Any:
+        """``fn(*args)`` on a thread for work over ``big`` entries or ``chars`` of text."""
+        if big > TOKENIZE_OFF_LOOP_ENTRIES or chars > TOKENIZE_OFF_LOOP_CHARS:
             return await self.loop.run_in_executor(None, fn, *args)
         return fn(*args)
 
