@@ -411,9 +411,13 @@ def main() -> int:
     results: dict[str, Any] = {"kernels": binding.chosen()}
     print("livelm:", flush=True)
     results["livelm"] = uvloop.run(engine_run(model, config, args, full=True))
+    release_engine_memory(device)
     if not args.skip_stateless:
         print("livelm with state disabled (re-prefill every query):", flush=True)
-        stateless = msgspec.structs.replace(config, reprefill_queries=True)
+        # Re-prefill holds the session's context and one copy of it per query: three times
+        # the longest context is room enough, and leaves the card's memory to spare.
+        pool = config.kv_cache_tokens or 3 * max(args.contexts) + 16384
+        stateless = msgspec.structs.replace(config, reprefill_queries=True, kv_cache_tokens=pool)
         results["stateless"] = uvloop.run(engine_run(model, stateless, args, full=False))
     else:
         results["stateless"] = {"contexts": {}}
@@ -440,6 +444,15 @@ def main() -> int:
     path.write_text(json.dumps(results, indent=2, default=str))
     print(f"wrote {path}")
     return 0
+
+
+def release_engine_memory(device: torch.device) -> None:
+    """Frees the stopped engine's KV cache and graph pools before the next engine allocates
+    its own: on an 80 GB card two caches do not fit side by side."""
+    gc.collect()
+    torch.cuda.empty_cache()
+    held = torch.cuda.memory_allocated(device) / 2**30
+    print(f"after the engine stopped: {held:.1f} GiB still allocated", flush=True)
 
 
 def push_tail(push: dict[str, Any] | None) -> str:
