@@ -416,7 +416,7 @@ def main() -> int:
         print("livelm with state disabled (re-prefill every query):", flush=True)
         # Re-prefill holds the session's context and one copy of it per query: three times
         # the longest context is room enough, and leaves the card's memory to spare.
-        pool = config.kv_cache_tokens or 3 * max(args.contexts) + 16384
+        pool = min(config.kv_cache_tokens or 1 << 30, 3 * max(args.contexts) + 16384)
         stateless = msgspec.structs.replace(config, reprefill_queries=True, kv_cache_tokens=pool)
         results["stateless"] = uvloop.run(engine_run(model, stateless, args, full=False))
     else:

@@ -83,6 +83,27 @@ def test_compiles_for_hopper_without_spills() -> None:
         assert 1 in variant["ptx_wait_depths"] and not variant["wgmma_serialized"], variant
 
 
+@needs_gluon
+def test_descriptors_are_kept_per_pool_and_end_with_it() -> None:
+    """A call reuses its layer's descriptors; once the engine that owned a KV pool is gone,
+    the pool is freed (a second engine in the same process needs the memory)."""
+    code = """
+import gc, json, weakref, torch
+from livelm.daemon.kernels.triton_backend import gluon_prefill as g
+storage = torch.zeros((2, 2, 4, 64, 8, 128), dtype=torch.bfloat16)
+layers = [(layer[0], layer[1]) for layer in storage]
+first, again, other = (g._descriptors(*layers[i]) for i in (0, 0, 1))
+reused = first is again
+held = len(g._DESCRIPTORS)
+pool = weakref.ref(storage)
+del storage, layers, first, again, other
+gc.collect()
+print(json.dumps([reused, held, len(g._DESCRIPTORS), pool() is None]))
+"""
+    out = _child("-c", code).strip().splitlines()[-1]
+    assert json.loads(out) == [True, 2, 0, True]
+
+
 @pytest.mark.parametrize("case", range(len(REFUSALS)))
 def test_refuses_shapes_it_cannot_serve(case: int) -> None:
     missing, reason, why = PROBE["missing"], PROBE["refusals"][case], REFUSALS[case][4]

@@ -20,6 +20,8 @@ Triton kernels are (``pdl.py``'s rules: wait for the producer before the first l
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 import triton
 
@@ -316,27 +318,27 @@ def smem_layout(head_dim: int, dtype: torch.dtype) -> object:
     return gl.NVMMASharedLayout.get_default_for([PAGE, head_dim], gl_dtype)
 
 
-_DESCRIPTORS: dict[tuple, tuple[object, object]] = {}
-_MAX_DESCRIPTORS = 8  # a few KV pools per process (one per model; tests make more)
+# By id of the layer's K view (a KV pool's views live as long as the pool). Each entry ends
+# with its view, so a stopped engine's pool is freed rather than pinned by its descriptors.
+_DESCRIPTORS: dict[int, tuple[weakref.ref, tuple[object, object]]] = {}
 
 
 def _descriptors(k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[object, object]:
     """K and V seen as [blocks * PAGE, kv_heads * head_dim], one page of one kv head per box.
-    Kept per cache tensor (caches never move), so a call pays no descriptor set-up."""
-    key = (k_cache.data_ptr(), v_cache.data_ptr(), tuple(k_cache.shape), k_cache.dtype)
-    found = _DESCRIPTORS.get(key)
-    if found is None:
-        blocks, page, kv_heads, head_dim = k_cache.shape
-        flat = [blocks * page, kv_heads * head_dim]
-        layout = smem_layout(head_dim, k_cache.dtype)
-        found = tuple(
-            TensorDescriptor(c.view(flat), flat, [kv_heads * head_dim, 1], [page, head_dim],
-                             layout)
-            for c in (k_cache, v_cache)
-        )
-        if len(_DESCRIPTORS) >= _MAX_DESCRIPTORS:
-            _DESCRIPTORS.pop(next(iter(_DESCRIPTORS)))
-        _DESCRIPTORS[key] = found
+    Kept per cache view (caches never move), so a call pays no descriptor set-up."""
+    entry = _DESCRIPTORS.get(id(k_cache))
+    if entry is not None and entry[0]() is k_cache:
+        return entry[1]
+    blocks, page, kv_heads, head_dim = k_cache.shape
+    flat = [blocks * page, kv_heads * head_dim]
+    layout = smem_layout(head_dim, k_cache.dtype)
+    found = tuple(
+        TensorDescriptor(c.view(flat), flat, [kv_heads * head_dim, 1], [page, head_dim], layout)
+        for c in (k_cache, v_cache)
+    )
+    key = id(k_cache)
+    _DESCRIPTORS[key] = (weakref.ref(k_cache), found)
+    weakref.finalize(k_cache, _DESCRIPTORS.pop, key, None)
     return found
 
 
