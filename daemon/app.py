@@ -5,6 +5,8 @@ Order: the HTTP server and the framed TCP server listen first (``/health`` answe
 a background thread, then the engine starts and ``/ready`` turns 200 once the engine says it is
 ready. SIGTERM or SIGINT drains: new requests get 503 (``overloaded`` on TCP/WebSocket), in-flight
 queries finish (up to ``drain_timeout``), the servers close, exit 0. A second signal exits at once.
+SIGHUP and SIGUSR1 are logged and ignored (there is no configuration reload): their default
+action would end the daemon at once, without a drain, and with a status systemd does not restart.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import faulthandler
+import ipaddress
 import os
 import signal
 import threading
@@ -46,6 +49,8 @@ EXIT_MODEL = 3
 EXIT_WORKER = 4  # the inference worker died while serving (systemd restarts the service)
 EXIT_FORCED = 130  # a second SIGINT/SIGTERM during the drain
 
+# logged and ignored: no configuration reload, and their default action ends the process at once
+IGNORED_SIGNALS = (signal.SIGHUP, signal.SIGUSR1)
 HANDLER_SHUTDOWN_SECONDS = 3.0  # after the engine stopped, the last handlers have this long
 ENGINE_STOP_GRACE = 10.0  # on top of drain_timeout, in case the engine's stop itself hangs
 
@@ -58,14 +63,20 @@ class StartupError(Exception):
 
 def run(config: Config) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code."""
-    setup_logging(config.log_level, config.log_format)
+    # until the event loop's handlers take over (_install_signal_handlers), so that a SIGHUP
+    # during the checks below does not end the daemon without a word either
+    for signum in IGNORED_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    setup_logging(config.log_level, config.log_format, syslog_prefix=config.log_syslog_prefix)
     faulthandler.enable(all_threads=True)  # a watchdog's SIGABRT leaves every thread's stack
     log.info("starting livelm", extra={"config": config.redacted(), "pid": os.getpid()})
     for var in stray_env_vars(os.environ):
         log.warning("ignoring environment variable %s", var)
-    try:  # device and dtype are checked here, before anything listens
+    warn_if_open(config)
+    try:  # device, dtype and paths are checked here, before anything listens
         config.torch_device()
         config.torch_dtype()
+        config.check_paths()
     except ConfigError as exc:
         log.error("invalid configuration: %s", exc)
         return EXIT_CONFIG
@@ -77,6 +88,28 @@ def run(config: Config) -> int:
     except Exception:
         log.exception("fatal error")
         return EXIT_ERROR
+
+
+def warn_if_open(config: Config) -> None:
+    """A WARNING when other machines may reach the daemon and no API key is asked of them."""
+    if config.api_keys or is_loopback(config.host):
+        return
+    log.warning(
+        "listening on %s without api_keys: anyone who can reach this address may use the "
+        "daemon; set LIVELM_API_KEYS (or api_keys) or listen on 127.0.0.1",
+        config.host,
+        extra={"host": config.host},
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Only ``localhost`` and loopback addresses count; any other name may resolve anywhere."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 async def _serve(config: Config) -> int:
@@ -233,8 +266,17 @@ def _install_signal_handlers(stop: asyncio.Event) -> None:
         log.info("%s received, shutting down", signal.Signals(signum).name)
         stop.set()
 
+    def on_ignored(signum: int) -> None:
+        log.warning(
+            "%s received and ignored: livelm does not reload its configuration; restart it "
+            "to apply changes",
+            signal.Signals(signum).name,
+        )
+
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
+    for signum in IGNORED_SIGNALS:
+        loop.add_signal_handler(signum, on_ignored, signum)
 
 
 def _in_thread(fn: Callable[[], T], name: str) -> asyncio.Future[T]:

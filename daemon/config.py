@@ -11,6 +11,7 @@ import difflib
 import math
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 import yaml
 
+from livelm.daemon.model.presets import PRESET_PREFIX
 from livelm.protocol.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -37,6 +39,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     cache_dir: str = ""  # empty = $LIVELM_HOME or ~/.cache/livelm
     log_level: str = "info"
     log_format: str = "json"  # json | text
+    # each line starts with <N>, its syslog priority, which journald reads (SyslogLevelPrefix=)
+    log_syslog_prefix: bool = False
     block_size: int = 64  # tokens per KV block (64 lets prefill load key tiles by TMA on Hopper)
     kv_cache_tokens: int = 0  # 0 = size the pool from kv_memory_fraction
     kv_memory_fraction: float = 0.85
@@ -130,6 +134,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         base = Path(xdg) if xdg else Path.home() / ".cache"
         return base / "livelm"
 
+    def check_paths(self) -> None:
+        """The model folder exists and the cache folder can be created and written, else a
+        ConfigError: neither heals by restarting. Checked at startup, not on construction, so a
+        Config may name another machine's paths."""
+        _check_model_path(self.model)
+        _check_cache_dir(self.cache_path())
+
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict fit for logs: API keys are replaced by their count."""
         values = msgspec.structs.asdict(self)
@@ -203,8 +214,10 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
     return layer
 
 
-# LIVELM_ variables that are not settings but are read elsewhere (the CLI, the clients, perf/)
-OTHER_ENV_VARS = frozenset({"CONFIG", "HOME", "API_KEY", "URL", "COMMIT"})
+# LIVELM_ variables that are not settings but are read elsewhere (the CLI, the clients, perf/).
+# LIVELM_API_KEY, the clients' key, is not among them: in the daemon's environment it is most
+# likely meant as LIVELM_API_KEYS, and the daemon would otherwise serve without auth in silence.
+OTHER_ENV_VARS = frozenset({"CONFIG", "HOME", "URL", "COMMIT"})
 
 
 def stray_env_vars(environ: Mapping[str, str]) -> list[str]:
@@ -263,7 +276,7 @@ def _coerce(name: str, raw: Any, source: str, is_text: bool) -> Any:
         if _is_number_of(kind, value):
             return float(value) if kind is float else value
     else:  # list[str]
-        value = _parse_list(raw) if parse else raw
+        value = _parse_list(name, raw, source) if parse else raw
         if isinstance(value, list) and all(isinstance(v, str) for v in value):
             return value
     expected = _TYPE_WORDS.get(kind, "a list of strings (comma-separated in env and CLI)")
@@ -290,8 +303,20 @@ def _is_number_of(kind: type, value: Any) -> bool:
     return isinstance(value, int | float) and math.isfinite(value)
 
 
-def _parse_list(text: str) -> list[str]:
-    return [part.strip() for part in text.split(",") if part.strip()]
+def _parse_list(name: str, text: str, source: str) -> list[str]:
+    """Comma-separated items. An empty value or an empty item is refused rather than dropped:
+    an empty api_keys would override the config file's keys and switch auth off in silence."""
+    parts = [part.strip() for part in text.split(",")]
+    if all(parts):
+        return parts
+    problem = "holds an empty item" if any(parts) else "is set but empty"
+    unset = _UNSET_MEANS.get(name, "use the config file's value or the default")
+    raise ConfigError(
+        f"{name}: {source} {problem}; give comma-separated values, or unset it to {unset}"
+    )
+
+
+_UNSET_MEANS = {"api_keys": "serve without keys (or with those of the config file)"}
 
 
 # --- rules -----------------------------------------------------------------------------------
@@ -318,6 +343,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "cache_dir": (lambda v: True, "a folder path"),
     "log_level": (lambda v: v in _LEVELS, "one of " + ", ".join(_LEVELS)),
     "log_format": (lambda v: v in ("json", "text"), "one of json, text"),
+    "log_syslog_prefix": (lambda v: True, "true or false"),
     "block_size": (lambda v: _power_of_two(v) and v <= 256, "a power of two from 1 to 256"),
     "kv_cache_tokens": (lambda v: v >= 0, "a token count >= 0 (0 = auto)"),
     "kv_memory_fraction": (lambda v: 0 < v <= 1, "a fraction in (0, 1]"),
@@ -387,3 +413,33 @@ def _check_cross(values: Mapping[str, Any], sources: Mapping[str, str]) -> None:
             f"default_window: must be <= max_context_tokens ({limit}), "
             f"got {window} (from {where('default_window')})"
         )
+
+
+# --- startup checks of the filesystem -----------------------------------------------------
+
+_BUILT_IN_MODEL = "demo"  # model.loader.DEMO_SPEC (the loader imports torch)
+
+
+def _check_model_path(model: str) -> None:
+    if model == _BUILT_IN_MODEL or model.startswith(PRESET_PREFIX):
+        return
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        state = "is not a folder" if folder.exists() else "does not exist"
+        raise ConfigError(
+            f"model: {str(folder)!r} {state} (a model is a Hugging Face folder, "
+            f"{_BUILT_IN_MODEL!r} or {PRESET_PREFIX}NAME)"
+        )
+
+
+def _check_cache_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise ConfigError(
+            f"cache_dir: {str(folder)!r} cannot be created or written ({reason}); point "
+            "cache_dir (or LIVELM_HOME) at a folder the daemon's user can write"
+        ) from exc

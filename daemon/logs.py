@@ -2,7 +2,10 @@
 
 ``setup_logging`` configures the root logger once at startup; modules log through
 ``get_logger(__name__)`` and pass context as ``extra={...}``. aiohttp's access log goes through
-``AccessLogger`` at DEBUG level, so it is silent unless ``log_level`` is ``debug``.
+``AccessLogger`` at DEBUG level, so it is silent unless ``log_level`` is ``debug``. With
+``syslog_prefix`` every line starts with ``<N>``, the record's syslog priority: journald reads it
+from a service's stderr (``SyslogLevelPrefix=yes``, systemd's default) and files the line at that
+priority instead of the unit's default (info).
 """
 
 from __future__ import annotations
@@ -29,16 +32,41 @@ def get_logger(name: str) -> logging.Logger:
     return logging.getLogger(name)
 
 
-def setup_logging(level: str = "info", fmt: str = "json", stream: TextIO | None = None) -> None:
+def setup_logging(
+    level: str = "info",
+    fmt: str = "json",
+    stream: TextIO | None = None,
+    *,
+    syslog_prefix: bool = False,
+) -> None:
     """Send every logger's records to ``stream`` (stderr) in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr if stream is None else stream)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler = ConsoleHandler(sys.stderr if stream is None else stream, fmt)
+    formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(PriorityPrefixFormatter(formatter) if syslog_prefix else formatter)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     logging.captureWarnings(True)
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The daemon's one handler; it knows its format, so that progress reports can follow it
+    (``console_format``)."""
+
+    def __init__(self, stream: TextIO, fmt: str) -> None:
+        super().__init__(stream)
+        self.fmt = fmt
+
+
+def console_format(stream: TextIO) -> str | None:
+    """The format ("json" or "text") ``setup_logging`` set for records written to ``stream``;
+    None when it did not (library use, benchmarks, tests)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ConsoleHandler) and handler.stream is stream:
+            return handler.fmt
+    return None
 
 
 def extra_fields(record: logging.LogRecord) -> dict[str, Any]:
@@ -89,6 +117,36 @@ class TextFormatter(logging.Formatter):
         if record.stack_info:
             line += "\n" + self.formatStack(record.stack_info)
         return line
+
+
+# sd-daemon(3) priorities: <2> critical, <3> error, <4> warning, <6> info, <7> debug
+_PRIORITIES = (
+    (logging.CRITICAL, 2),
+    (logging.ERROR, 3),
+    (logging.WARNING, 4),
+    (logging.INFO, 6),
+)
+_DEBUG_PRIORITY = 7
+
+
+def syslog_priority(levelno: int) -> int:
+    for level, priority in _PRIORITIES:
+        if levelno >= level:
+            return priority
+    return _DEBUG_PRIORITY
+
+
+class PriorityPrefixFormatter(logging.Formatter):
+    """Prefixes every line of ``inner``'s output with ``<N>``: journald reads each line of a
+    service's output as one entry, so a traceback's lines keep the record's priority too."""
+
+    def __init__(self, inner: logging.Formatter) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        prefix = f"<{syslog_priority(record.levelno)}>"
+        return "\n".join(prefix + line for line in self.inner.format(record).split("\n"))
 
 
 def _text_value(value: Any) -> str:

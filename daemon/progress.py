@@ -1,19 +1,44 @@
 """A small progress bar for long start-up work (model load, warm-up).
 
-On a terminal it redraws one line in place; elsewhere (the systemd journal, a log file) it
-writes a few plain lines, one per quarter of the work, so logs stay short.
+Where it reports follows the daemon's log setup (``logs.setup_logging``) on the same stream:
+
+- text logs (or no log setup) on a terminal: one line redrawn in place;
+- JSON logs, or text logs that are not on a terminal (the systemd journal, a file): a few log
+  records of the ``livelm.progress`` logger, one per quarter of the work, with the fields
+  ``stage``, ``done``, ``total`` and ``seconds``, so a JSON log stays one object per line;
+- no log setup and no terminal (benchmarks, library use): the same few lines as plain text.
 """
 
 from __future__ import annotations
 
+import enum
+import logging
 import sys
 import time
 from types import TracebackType
 from typing import TextIO
 
+from livelm.daemon.logs import console_format
+
 _BAR_WIDTH = 30
 _REDRAW_SECONDS = 0.1  # at most ten redraws a second on a terminal
 _LOG_STEPS = 4  # plain lines at 25%, 50%, 75%, 100%
+
+log = logging.getLogger("livelm.progress")
+
+
+class Output(enum.Enum):
+    BAR = "bar"  # redrawn in place on a terminal
+    LINES = "lines"  # plain text lines
+    RECORDS = "records"  # log records
+
+
+def output_for(stream: TextIO) -> Output:
+    """How progress is reported on ``stream``, given the log format set up for it."""
+    fmt = console_format(stream)
+    if _is_tty(stream) and fmt in (None, "text"):
+        return Output.BAR
+    return Output.LINES if fmt is None else Output.RECORDS
 
 
 class Progress:
@@ -27,7 +52,8 @@ class Progress:
         self.stream = sys.stderr if stream is None else stream
         self.enabled = enabled
         self.done = 0
-        self._tty = _is_tty(self.stream)
+        self._output = output_for(self.stream)
+        self._tty = self._output is Output.BAR
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._logged_steps = 0
@@ -85,7 +111,16 @@ class Progress:
         self._write(f"\r{self.desc} [{bar}] {self._counts()}")
 
     def _write_line(self) -> None:
-        self._write(f"{self.desc}: {self._counts()}\n")
+        if self._output is Output.LINES:
+            self._write(f"{self.desc}: {self._counts()}\n")
+            return
+        fields = {
+            "stage": self.desc,
+            "done": self.done,
+            "total": self.total,
+            "seconds": round(self.elapsed, 3),
+        }
+        log.info("%s: %s", self.desc, f"{self._fraction():.0%}", extra=fields)
 
     def _counts(self) -> str:
         return f"{self._fraction():4.0%} ({self.done}/{self.total}) {self.elapsed:.1f}s"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -11,16 +12,20 @@ import pytest
 import torch
 
 from livelm.daemon.cli import build_parser, main
-from livelm.daemon.cli_config import CONFIG_FLAGS
+from livelm.daemon.cli_config import CONFIG_FLAGS, flag_help
+from livelm.daemon.config import Config
 
 
-def livelm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def livelm(
+    *args: str, timeout: float = 60, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "livelm.daemon", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
         stdin=subprocess.DEVNULL,
+        env={**os.environ, **(env or {})},
     )
 
 
@@ -30,6 +35,26 @@ def test_serve_help_lists_every_flag() -> None:
     for flag in [*CONFIG_FLAGS, "--config"]:
         assert flag in result.stdout
     assert "PATH|random:NAME|demo" in result.stdout
+
+
+def test_help_defaults_come_from_the_config() -> None:
+    defaults = Config()
+    assert flag_help("--block-size").endswith(f"(default {defaults.block_size})")
+    assert flag_help("--max-frame").endswith("(default 16 MiB)")
+    assert flag_help("--port").endswith(f"(default {defaults.port}; 0 = any free port)")
+    assert flag_help("--cache-dir").endswith("(default $LIVELM_HOME or ~/.cache/livelm)")
+    for flag in CONFIG_FLAGS:
+        default = getattr(defaults, flag[2:].replace("-", "_"))
+        if default != "" and flag != "--max-frame":
+            assert f"(default {default}" in flag_help(flag), flag
+
+
+@pytest.mark.parametrize("verb", ["serve", "kernels"])
+def test_block_size_help_shows_the_real_default(verb: str) -> None:
+    result = livelm(verb, "--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())  # argparse wraps lines
+    assert f"a power of two up to 256 (default {Config().block_size})" in text
 
 
 def test_top_level_help_lists_serve() -> None:
@@ -76,12 +101,46 @@ def test_cuda_on_cpu_only_machine_exits_2() -> None:
     assert "CUDA is not available" in result.stderr
 
 
-def test_unloadable_model_exits_3(tmp_path: Path) -> None:
+def test_missing_model_folder_exits_2(tmp_path: Path) -> None:
     missing = tmp_path / "no-model-here"
     args = ["serve", "--model", str(missing), "--port", "0", "--tcp-port", "0"]
     result = livelm(*args, "--cache-dir", str(tmp_path), "--log-format", "text")
+    assert result.returncode == 2, result.stderr
+    assert f"invalid configuration: model: '{missing}' does not exist" in result.stderr
+    assert "listening on" not in result.stderr  # refused before anything listens
+
+
+def test_unloadable_model_exits_3(tmp_path: Path) -> None:
+    folder = tmp_path / "empty-model"
+    folder.mkdir()
+    args = ["serve", "--model", str(folder), "--port", "0", "--tcp-port", "0"]
+    result = livelm(*args, "--cache-dir", str(tmp_path), "--log-format", "text")
     assert result.returncode == 3, result.stderr
-    assert "cannot load model" in result.stderr and str(missing) in result.stderr
+    assert "cannot load model" in result.stderr and str(folder) in result.stderr
+
+
+def test_unusable_cache_dir_exits_2(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x", encoding="utf-8")
+    args = ["serve", "--port", "0", "--tcp-port", "0", "--log-format", "text"]
+    result = livelm(*args, "--cache-dir", str(blocker))
+    assert result.returncode == 2, result.stderr
+    assert f"invalid configuration: cache_dir: '{blocker}' cannot be created or written" in (
+        result.stderr
+    )
+
+
+def test_empty_api_keys_env_exits_2_before_serving(tmp_path: Path) -> None:
+    config = tmp_path / "keys.yaml"
+    config.write_text("api_keys: [from-yaml]\n", encoding="utf-8")
+    args = ["serve", "--config", str(config), "--port", "0", "--tcp-port", "0"]
+    result = livelm(*args, env={"LIVELM_API_KEYS": ""})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "livelm: configuration error: api_keys: environment variable LIVELM_API_KEYS is set but "
+        "empty; give comma-separated values, or unset it to serve without keys (or with those of "
+        "the config file)"
+    ]
 
 
 def test_flags_only_given_reach_the_config() -> None:

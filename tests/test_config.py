@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -55,7 +56,7 @@ def test_env_values_are_parsed_to_the_field_types() -> None:
     environ = {
         "LIVELM_KV_MEMORY_FRACTION": "0.5",
         "LIVELM_DRAIN_TIMEOUT": "3",
-        "LIVELM_API_KEYS": " k1, k2 ,,",
+        "LIVELM_API_KEYS": " k1, k2 ",
         "LIVELM_MAX_SESSIONS": " 12 ",
         "LIVELM_LOG_LEVEL": "DEBUG",
     }
@@ -76,11 +77,12 @@ def test_stray_livelm_env_vars_are_named_with_a_hint() -> None:
         "LIVELM_MAX_BATCH_TOKEN": "4096",  # a typo of LIVELM_MAX_BATCH_TOKENS
         "LIVELM_PORT": "9000",  # a setting
         "LIVELM_HOME": "/srv/livelm",  # read elsewhere, not a setting
-        "LIVELM_API_KEY": "k",  # the clients' key
+        "LIVELM_API_KEY": "k",  # the clients' key: in the daemon's environment, a likely slip
         "LIVELM_FROBNICATE": "1",
         "PATH": "/usr/bin",
     }
     assert stray_env_vars(environ) == [
+        "LIVELM_API_KEY (did you mean LIVELM_API_KEYS?)",
         "LIVELM_FROBNICATE (not a setting)",
         "LIVELM_MAX_BATCH_TOKEN (did you mean LIVELM_MAX_BATCH_TOKENS?)",
     ]
@@ -234,6 +236,34 @@ def test_empty_api_key_in_yaml(tmp_path: Path) -> None:
     assert "sekrit" not in message  # keys are never echoed
 
 
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [("", "is set but empty"), ("  ", "is set but empty"), (",,", "is set but empty"),
+     ("sekrit,,other", "holds an empty item"), ("sekrit,", "holds an empty item")],
+)
+def test_api_keys_from_env_without_a_key_is_an_error(
+    tmp_path: Path, value: str, problem: str
+) -> None:
+    yaml_path = write_yaml(tmp_path, "api_keys: [from-yaml]\n")
+    message = config_error(yaml_path=yaml_path, environ={"LIVELM_API_KEYS": value})
+    assert message == (
+        f"api_keys: environment variable LIVELM_API_KEYS {problem}; give comma-separated "
+        "values, or unset it to serve without keys (or with those of the config file)"
+    )
+
+
+def test_api_keys_from_the_command_line_without_a_key_is_an_error() -> None:
+    message = config_error(overrides={"api_keys": ""})
+    assert message.startswith("api_keys: --api-keys is set but empty;")
+    assert "unset it to serve without keys" in message
+
+
+def test_api_keys_env_unset_keeps_the_yaml_keys(tmp_path: Path) -> None:
+    yaml_path = write_yaml(tmp_path, "api_keys: [from-yaml]\n")
+    assert load_config({}, yaml_path, {}).api_keys == ["from-yaml"]
+    assert load_config({}, yaml_path, {"LIVELM_API_KEYS": "a,b"}).api_keys == ["a", "b"]
+
+
 def test_unknown_override_key() -> None:
     assert "did you mean 'block_size'?" in config_error(overrides={"blok_size": "16"})
 
@@ -289,6 +319,48 @@ def test_cache_path_precedence(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert Config().cache_path() == Path.home() / ".cache" / "livelm"
 
 
+def test_check_paths_accepts_built_in_models_and_a_folder(tmp_path: Path) -> None:
+    cache = tmp_path / "new" / "cache"
+    for model in ("demo", "random:tiny", str(tmp_path)):
+        Config(model=model, cache_dir=str(cache)).check_paths()
+    assert cache.is_dir()  # created
+
+
+@pytest.mark.parametrize("kind", ["missing", "file"])
+def test_check_paths_refuses_a_model_folder_that_is_not_there(tmp_path: Path, kind: str) -> None:
+    model = tmp_path / "model"
+    if kind == "file":
+        model.write_text("x", encoding="utf-8")
+    state = "does not exist" if kind == "missing" else "is not a folder"
+    with pytest.raises(ConfigError, match=f"^model: '{model}' {state} "):
+        Config(model=str(model), cache_dir=str(tmp_path)).check_paths()
+
+
+@pytest.mark.parametrize("where", ["a file", "under a file"])
+def test_check_paths_refuses_a_cache_dir_that_cannot_be_created(tmp_path: Path, where: str) -> None:
+    blocker = tmp_path / "blocker"
+    blocker.write_text("x", encoding="utf-8")
+    cache = blocker if where == "a file" else blocker / "cache"
+    with pytest.raises(ConfigError, match=f"^cache_dir: '{cache}' cannot be created or written"):
+        Config(cache_dir=str(cache)).check_paths()
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_check_paths_refuses_a_read_only_cache_dir(tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    cache.mkdir(mode=0o500)
+    try:
+        with pytest.raises(ConfigError, match="cannot be created or written"):
+            Config(cache_dir=str(cache)).check_paths()
+    finally:
+        cache.chmod(0o700)
+
+
+def test_log_syslog_prefix_setting() -> None:
+    assert Config().log_syslog_prefix is False
+    assert load_config({}, None, {"LIVELM_LOG_SYSLOG_PREFIX": "yes"}).log_syslog_prefix is True
+
+
 def test_redacted_hides_api_keys() -> None:
     shown = Config(api_keys=["secret"]).redacted()
     assert "secret" not in str(shown) and shown["port"] == 8080
@@ -298,6 +370,8 @@ def test_example_yaml_of_the_systemd_unit_loads_and_lists_every_setting() -> Non
     example = Path(__file__).resolve().parents[1] / "systemd" / "livelm.yaml"
     config = load_config({}, str(example), {})
     assert config.cache_dir == "/var/cache/livelm"
+    # production: a GPU that is not ready must not mean serving on the CPU; journald priorities
+    assert config.device == "cuda" and config.log_syslog_prefix is True
     text = example.read_text(encoding="utf-8")
     missing = [name for name in FIELDS if f"\n{name}:" not in text]
     assert not missing, f"settings not documented in {example.name}: {missing}"
