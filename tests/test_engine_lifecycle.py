@@ -7,7 +7,9 @@ answers and subscriptions."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import gc
+import logging
 import weakref
 from pathlib import Path
 
@@ -128,9 +130,10 @@ def test_status_counts_accepted_data_not_yet_ingested(demo_folder: Path, tmp_pat
 
 
 def test_answers_unfinished_at_the_drains_end_get_an_error(
-    demo_folder: Path, tmp_path: Path
+    demo_folder: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     model = loaded(demo_folder, tmp_path)
+    caplog.set_level(logging.WARNING, logger="livelm.engine")
 
     async def scenario(engine: Engine):
         sid = (await engine.init_session(InitRequest(prompt="Feed.", template="raw"))).session_id
@@ -144,6 +147,8 @@ def test_answers_unfinished_at_the_drains_end_get_an_error(
     first, query_blocks = run_engine(model, scenario)
     assert first.text is not None
     assert query_blocks == 0  # the query's blocks were given back
+    cut = [r for r in caplog.records if getattr(r, "cut_off_queries", None) == 1]
+    assert cut and cut[0].levelno == logging.WARNING  # the operator learns answers were cut
 
 
 def test_a_long_question_is_tokenized_off_the_event_loop(demo_folder: Path, tmp_path: Path) -> None:
@@ -313,3 +318,55 @@ def test_a_flash_round_without_kv_room_is_asked_again(demo_folder: Path, tmp_pat
 
     retried, seq = run_engine(model, scenario, kv_cache_tokens=4096)
     assert retried > 0  # the round found no room at first, and its answer came after all
+
+
+def test_a_long_answer_keeps_the_worker_seen_as_alive(demo_folder: Path, tmp_path: Path) -> None:
+    """Decode-ahead steps a whole answer inside one worker turn: each step must count as
+    progress, or the supervisor takes a long answer for a stuck worker (and under systemd's
+    watchdog the daemon is killed mid-answer)."""
+    model = dataclasses.replace(loaded(demo_folder, tmp_path), eos_ids=frozenset())
+
+    async def scenario(engine: Engine):
+        sid = (await engine.init_session(InitRequest(prompt="Feed.", template="raw"))).session_id
+        loop = asyncio.get_running_loop()
+        begun = loop.time()
+        task = asyncio.ensure_future(
+            engine.generate(sid, GenerateRequest(prompt="Story?", max_tokens=400)).result()
+        )
+        ages = []
+        while not task.done():
+            ages.append(engine.worker_turn_age())
+            await asyncio.sleep(0.001)
+        await task
+        return max(ages), loop.time() - begun, engine.worker.steps_ahead
+
+    oldest, wall, ahead = run_engine(model, scenario)
+    assert ahead > 100  # the answer was stepped ahead, within few turns
+    assert oldest < wall / 4, (oldest, wall)
+
+
+def test_status_never_goes_back_through_a_window_rebuild(demo_folder: Path, tmp_path: Path) -> None:
+    """A push past the window makes the worker recompute the retained entries: status, read
+    all along, must not report fewer ingested entries than it already did."""
+    model = loaded(demo_folder, tmp_path)
+
+    async def scenario(engine: Engine):
+        init = InitRequest(prompt="Feed.", template="raw", window=600)
+        sid = (await engine.init_session(init)).session_id
+        seen, trimmed_pending = [], []
+        for burst in range(12):
+            entries = [f"tick {burst}.{i} price {100 + i} volume {i * 7}" for i in range(8)]
+            dropped = engine.status(sid).dropped_entries
+            last = (await engine.push(sid, entries)).seq
+            after = engine.status(sid)
+            if after.dropped_entries > dropped:  # this push trims: everything kept is redone
+                trimmed_pending.append(after.pending_tokens >= engine.sessions[sid].data_tokens)
+            while (status := engine.status(sid)).ingested_seq < last:
+                seen.append(status.ingested_seq)
+                await asyncio.sleep(0.0005)
+            seen.append(status.ingested_seq)
+        return seen, trimmed_pending
+
+    seen, trimmed_pending = run_engine(model, scenario)
+    assert trimmed_pending and all(trimmed_pending)  # the window was passed, and said so
+    assert seen == sorted(seen)

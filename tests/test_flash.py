@@ -158,6 +158,18 @@ def test_cached_generate_does_no_device_work(demo_daemon) -> None:
     requests.delete(f"{demo_daemon.url}/v1/sessions/{sid}", timeout=TIMEOUT)
 
 
+def test_a_cached_answer_older_than_the_last_push_is_not_served(demo_daemon) -> None:
+    """Right after a push is acknowledged its flash round has not finished: a generate must
+    see the push, as it would with no flash query registered."""
+    sid = open_session(demo_daemon, flash=[{"query": WHAT, "max_tokens": 6}])
+    settle(demo_daemon, sid, push(demo_daemon, sid, "a=1"), 1)
+    bulk = [f"tick {i} price {100 + i} volume {i * 7}" for i in range(300)]  # a slow ingest
+    seq = push(demo_daemon, sid, *bulk)
+    reply = post(demo_daemon, f"/v1/sessions/{sid}/generate", {"prompt": WHAT, "max_tokens": 6})
+    assert reply.json()["data_seq"] == seq, reply.text
+    requests.delete(f"{demo_daemon.url}/v1/sessions/{sid}", timeout=TIMEOUT)
+
+
 def test_a_generate_with_no_cached_answer_yet_runs_normally(demo_daemon) -> None:
     sid = open_session(demo_daemon)
     push(demo_daemon, sid, "x=1")

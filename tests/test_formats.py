@@ -49,6 +49,14 @@ def test_ohlcv_refusals_name_the_entry_and_field(entry, words: str) -> None:
     assert words in str(caught.value)
 
 
+def test_ohlcv_numbers_keep_every_digit() -> None:
+    """A price or a volume is rendered as it was sent, never rounded."""
+    bar = [1717, 43251.123456789, 0.00001, 1e16, 2.5, 12345678901.5]
+    assert render_entry(bar, "ohlcv", 0) == (
+        "1717 o=43251.123456789 h=0.00001 l=10000000000000000 c=2.5 v=12345678901.5\n"
+    )
+
+
 def test_json_is_compact_with_sorted_keys() -> None:
     assert render_entry({"b": 1, "a": [1, "x\ny"]}, "json", 0) == '{"a":[1,"x\\ny"],"b":1}\n'
 

@@ -199,6 +199,9 @@ class Engine:
         told to drop them in the same turn (sent now: it stops right after)."""
         unfinished = list(self._inflight.items())
         self._inflight.clear()
+        if unfinished:
+            log.warning("the drain ended with %d answers unfinished; their clients get an error",
+                        len(unfinished), extra={"cut_off_queries": len(unfinished)})
         shutdown = Overloaded(
             "the daemon shut down before this answer finished", retry_after=5.0
         )
@@ -227,8 +230,8 @@ class Engine:
         return self.worker.fatal is not None
 
     def worker_turn_age(self) -> float:
-        """Seconds since the worker began its current turn (an idle turn lasts at most
-        ``IDLE_WAIT_S``; a growing age means it is stuck in a step)."""
+        """Seconds since the worker last made progress: began a turn or finished a step (an
+        idle turn lasts at most ``IDLE_WAIT_S``; a growing age means it is stuck in a step)."""
         return time.monotonic() - self.worker.turn_started
 
     # ---- sessions ----------------------------------------------------------------------------
@@ -379,6 +382,8 @@ class Engine:
             ]
             await self._write_records(words)
             session.commit(plan)
+            if trims:  # the worker will recompute every retained entry: status says so now
+                session.pending_tokens = max(session.pending_tokens, plan.data_tokens)
             session.acks.append((session.last_seq, time.monotonic()))
         self.counters["entries_accepted_total"] += len(tokens)
         return PushReply(session_id=session.session_id, seq=session.last_seq, accepted=len(tokens))
@@ -440,12 +445,13 @@ class Engine:
         encode = encode or self.tokenizer.encode
         choices = self._choices(req, encode)
         params = self._sampling(req, choices)
-        if use_flash_cache and (cached := self._flash[session_id].cached(req)) is not None:
-            return self._cached_handle(*cached)
         if session.error is not None:
             raise InternalError(
                 f"session {session_id!r} cannot answer: {session.error}; close it and open a new one"
             )
+        flash = self._flash[session_id]
+        if use_flash_cache and (cached := flash.cached(req, session.last_seq)) is not None:
+            return self._cached_handle(*cached)
         if not req.prompt.strip():  # on a chat session the template alone would be asked
             raise InvalidRequest("prompt is empty")
         question = encode(req.prompt) + session.question_suffix
@@ -616,7 +622,9 @@ class Engine:
         for p in report.progress:
             session = self._by_slot.get(p.slot)
             if session is not None:
-                session.ingested_seq = p.ingested_seq
+                # a window rebuild restarts the worker's count from the retained entries:
+                # what clients see holds until the rebuild passes it (as the events do)
+                session.ingested_seq = max(session.ingested_seq, p.ingested_seq)
                 while session.acks and session.acks[0][0] <= p.ingested_seq:
                     self.latency.ingest.observe(now - session.acks.popleft()[1])
                 session.computed_tokens = p.context_tokens

@@ -106,10 +106,13 @@ class FlashBoard:
     def answers(self) -> list[FlashAnswer]:
         return [q.answer for q in self._queries.values() if q.answer is not None]
 
-    def cached(self, req: GenerateRequest) -> tuple[DoneReply, list[TokenEvent]] | None:
-        """The kept answer that ``req`` would compute, or None (then it runs as usual)."""
+    def cached(
+        self, req: GenerateRequest, last_seq: int
+    ) -> tuple[DoneReply, list[TokenEvent]] | None:
+        """The kept answer that ``req`` would compute now, or None (then it runs as usual):
+        only one that saw every acknowledged push (``last_seq``), as a fresh answer would."""
         for q in self._queries.values():
-            if q.query != req.prompt or q.done is None:
+            if q.query != req.prompt or q.done is None or q.done.data_seq != last_seq:
                 continue
             if cache_compatible(q.done, q.max_tokens, req):
                 return msgspec.structs.replace(q.done, cached=True), list(q.tokens)

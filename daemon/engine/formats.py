@@ -8,6 +8,7 @@ fixed order, ``kv`` as ``key=value`` pairs in the order given.
 from __future__ import annotations
 
 import math
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -65,8 +66,17 @@ def _number(value: Any, where: str) -> str:
     if isinstance(value, float):
         if not math.isfinite(value):
             raise InvalidRequest(f"{where}: expected a finite number")
-        return format(value, ".10g")
+        return _shortest(value)
     return str(value)
+
+
+def _shortest(value: float) -> str:
+    """The fewest digits that read back as ``value`` (no rounding of prices or volumes),
+    positional unless the magnitude is extreme; whole numbers without ``.0``."""
+    text = repr(value)
+    if "e" in text and -7 <= Decimal(text).adjusted() <= 21:
+        text = format(Decimal(text), "f")
+    return text.removesuffix(".0")
 
 
 def _render_ohlcv(entry: Any, index: int) -> str:

@@ -105,7 +105,7 @@ class Worker(threading.Thread):
         self._touched: set[int] = set()
         self._drained = False
         self.fatal: BaseException | None = None
-        self.turn_started = time.monotonic()  # read by the loop's supervisor: is it stuck?
+        self.turn_started = time.monotonic()  # last progress, read by the supervisor: stuck?
 
     # ---- called from the event loop thread ---------------------------------------------------
     def submit(self, commands: list[StartQuery | CancelQuery]) -> None:
@@ -308,6 +308,9 @@ class Worker(threading.Thread):
                 live = [ch for ch in chunks if self._live(ch.seq)]
                 self._apply_step(live, _rows_of(out, chunks, live))
             self._flush()
+            # a step done is progress: decode-ahead can hold one turn for a whole answer, and
+            # the supervisor must not take a long answer for a stuck worker
+            self.turn_started = time.monotonic()
             if pending_ahead is None:
                 return
             chunks, pending = ahead, pending_ahead
