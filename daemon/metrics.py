@@ -12,6 +12,8 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Mapping
 
+from livelm.daemon.process_metrics import process_values
+
 PREFIX = "livelm_"
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -135,6 +137,7 @@ def render(
     lines.append(_sample("up_seconds", http.uptime()))
     lines += _header("ready", "gauge", "1 when the model is loaded and the engine runs")
     lines.append(_sample("ready", 1 if ready else 0))
+    lines += process_lines()
     lines += http.lines()
     if wire is not None:
         lines += wire.lines()
@@ -144,13 +147,53 @@ def render(
     return "\n".join(lines) + "\n"
 
 
+ENGINE_HELP = {
+    "sessions": "Open sessions",
+    "queries_inflight": "Queries admitted and not yet finished",
+    "kv_blocks": "KV cache blocks in the pool",
+    "kv_blocks_reserved": "KV cache blocks reserved by sessions, queries and kept conversations",
+    "ring_words_used": "Words queued in the ring to the GPU worker",
+    "worker_alive": "1 while the GPU worker thread runs",
+    "worker_turn_seconds": "Seconds since the worker last made progress (grows when stuck)",
+    "worker_steps_total": "Model steps the worker ran",
+    "worker_graph_steps_total": "Model steps replayed from a CUDA graph",
+    "worker_eager_steps_total": "Model steps run eagerly",
+    "event_subscribers": "Event stream subscribers, over all sessions",
+    "flash_rounds_inflight": "Sessions whose flash queries are being answered",
+    "token_cache_hits_total": "Token piece cache hits",
+    "token_cache_misses_total": "Token piece cache misses",
+    "prefix_cache_conversations": "Conversations whose KV is kept for the next turn",
+    "prefix_cache_blocks_reserved": "KV cache blocks held by kept conversations",
+    "prefix_cache_hits_total": "Turns that reused a kept conversation's KV",
+    "prefix_cache_misses_total": "Turns that found no reusable KV",
+    "prefix_cache_reused_tokens_total": "Prompt tokens served from kept KV instead of computed",
+    "prefix_cache_evictions_total": "Kept conversations dropped to make room",
+    "entries_accepted_total": "Data entries accepted by pushes",
+    "queries_started_total": "Queries handed to the worker (cached answers excluded)",
+    "tokens_generated_total": "Answer tokens generated",
+    "ring_full_waits_total": "Times a producer waited for room in the ring (backpressure)",
+    "flash_rounds_total": "Flash query rounds asked",
+    "flash_rounds_retried_total": "Flash rounds asked again after finding no KV room",
+    "flash_rounds_coalesced_total": "Data that joined a flash round already asked for",
+    "flash_answers_published_total": "Flash answers published to subscribers",
+}
+
+
 def engine_lines(items: Iterable[tuple[str, float]]) -> list[str]:
     lines: list[str] = []
     for raw_name, value in sorted(items):
         name = metric_name(raw_name)
         kind = "counter" if raw_name.endswith("_total") else "gauge"
-        lines += _header(name, kind, f"Engine metric {raw_name}")
+        lines += _header(name, kind, ENGINE_HELP.get(raw_name, f"Engine metric {raw_name}"))
         lines.append(_sample(name, value))
+    return lines
+
+
+def process_lines() -> list[str]:
+    """The standard process_* families, unprefixed, as client libraries name them."""
+    lines: list[str] = []
+    for name, (kind, help_text, value) in process_values().items():
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}", f"{name} {_number(value)}"]
     return lines
 
 

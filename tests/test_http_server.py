@@ -46,11 +46,19 @@ def test_metrics_exposition(demo_daemon: DaemonProcess) -> None:
     assert "# TYPE livelm_http_requests_total counter" in text
     assert 'livelm_http_requests_total{route="/health",method="GET",status="200"}' in text
     assert "livelm_ready 1" in text
+    values = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, value = line.rsplit(" ", 1)
-            assert name.startswith("livelm_")
-            float(value)
+            assert name.startswith(("livelm_", "process_"))
+            values[name] = float(value)
+    # every engine family says what it counts, not just its own name again
+    assert "Engine metric" not in text
+    # the standard process families, as client libraries export them
+    assert values["process_resident_memory_bytes"] > 0
+    assert 0 < values["process_open_fds"] <= values["process_max_fds"]
+    assert time.time() - 86400 < values["process_start_time_seconds"] <= time.time()
+    assert values["process_cpu_seconds_total"] > 0
 
 
 def histogram_counts(text: str, name: str) -> list[float]:
