@@ -12,6 +12,9 @@ import msgspec
 
 Template = Literal["chat", "raw"]
 EntryFormat = Literal["text", "json", "ohlcv", "kv"]
+# how pushed data spelling a special token ("<|eot_id|>") is tokenized: as that control token
+# (transformers' default), or as the plain text it is
+SpecialTokens = Literal["control", "text"]
 
 
 class FlashSpec(msgspec.Struct, kw_only=True):
@@ -26,6 +29,7 @@ class InitRequest(msgspec.Struct, kw_only=True):
     format: EntryFormat = "text"
     window: int | None = None
     flash: list[FlashSpec] = []
+    special_tokens: SpecialTokens = "control"
 
 
 class PushRequest(msgspec.Struct, kw_only=True):
@@ -50,6 +54,7 @@ class SessionReply(msgspec.Struct, kw_only=True):
     template: Template
     format: EntryFormat
     window: int
+    special_tokens: SpecialTokens = "control"
 
 
 class PushReply(msgspec.Struct, kw_only=True):

@@ -150,6 +150,40 @@ def test_encode_matches_transformers_on_any_text(
         assert ours[style].encode(text) == hf[style].encode(text, add_special_tokens=False)
 
 
+@settings(max_examples=80, deadline=None)
+@given(
+    pieces=st.lists(
+        st.one_of(st.text(max_size=40), st.sampled_from(LLAMA3_TOKENS + CHATML_TOKENS)),
+        max_size=6,
+    ),
+    cached=st.booleans(),
+)
+def test_literal_specials_encode_as_transformers_splits_them(
+    cache_on_off: dict[tuple[str, bool], Tokenizer], hf: dict[str, Any], pieces: list[str],
+    cached: bool,
+) -> None:
+    """Data that spells a special token, encoded as plain text: transformers'
+    ``split_special_tokens``, through the piece cache or not."""
+    text = "".join(pieces)
+    for style in STYLES:
+        tok = cache_on_off[style, cached]
+        want = hf[style].encode(text, add_special_tokens=False, split_special_tokens=True)
+        assert tok.encode_batch([text, "x"], literal_specials=True)[0] == want
+        # the default still reads them as control tokens
+        assert tok.encode_batch([text])[0] == hf[style].encode(text, add_special_tokens=False)
+
+
+@pytest.fixture(scope="module")
+def cache_on_off(folders: dict[str, Path]) -> dict[tuple[str, bool], Tokenizer]:
+    """Per style, a tokenizer with the piece cache on and one with it off."""
+    made = {}
+    for style in STYLES:
+        for cached in (False, True):
+            made[style, cached] = tok = Tokenizer.from_folder(folders[style])
+            tok.use_piece_cache(4096 if cached else 0)
+    return made
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_a_remembered_text_encodes_the_same_into_a_fresh_list(
     ours: dict[str, Tokenizer], hf: dict[str, Any], style: str

@@ -199,7 +199,9 @@ class ClientBase(ABC):
         format: str | None = None,
         window: int | None = None,
         flash: Sequence[dict[str, Any]] | None = None,
+        special_tokens: str | None = None,
     ) -> SessionInfo:
+        """``special_tokens="text"``: pushed data spelling a special token stays text."""
         fields = compact(
             prompt=prompt,
             session_id=session_id,
@@ -207,6 +209,7 @@ class ClientBase(ABC):
             format=format,
             window=window,
             flash=None if flash is None else list(flash),
+            special_tokens=special_tokens,
         )
         return decode_reply(await self._request("init", None, fields), SessionInfo)
 

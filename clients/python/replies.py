@@ -49,6 +49,7 @@ class SessionInfo(msgspec.Struct, kw_only=True):
     template: str | None = None
     format: str | None = None
     window: int | None = None
+    special_tokens: str | None = None
 
 
 class Status(msgspec.Struct, kw_only=True):

@@ -8,6 +8,7 @@ back in one loop callback per worker step.
 from __future__ import annotations
 
 import asyncio
+import functools
 import gc
 import itertools
 import logging
@@ -276,6 +277,7 @@ class Engine:
             question_suffix=layout.question_suffix,
             low_water=self.config.window_low_water,
             reserved_blocks=blocks,
+            literal_specials=req.special_tokens == "text",
         )
         try:  # one record: if this raises (or is cancelled), it was not written
             await self._write_records(
@@ -295,6 +297,7 @@ class Engine:
             template=req.template,
             format=req.format,
             window=window,
+            special_tokens=req.special_tokens,
         )
 
     def _window(self, requested: int | None) -> int:
@@ -347,7 +350,10 @@ class Engine:
         if len(data) > self.config.max_push_entries:
             raise TooLarge(f"a push holds at most {self.config.max_push_entries} entries")
         lines = [render_entry(entry, session.format, i) for i, entry in enumerate(data)]
-        tokens = await self._off_loop(self.tokenizer.encode_batch, lines, big=len(lines))
+        encode = functools.partial(
+            self.tokenizer.encode_batch, literal_specials=session.literal_specials
+        )
+        tokens = await self._off_loop(encode, lines, big=len(lines))
         self._check_entry_sizes(session, tokens)
         # from here the push completes or fails as a whole, even if its client goes away
         return await asyncio.shield(self._accept(session, tokens))

@@ -65,6 +65,7 @@ class Session:
     forked: int = 0  # queries in flight that were forked from this session
     pinned: int = 0  # blocks those queries still read after a trim or the close let them go
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    literal_specials: bool = False  # pushed text spelling a special token stays text
 
     @property
     def context_tokens(self) -> int:
