@@ -20,6 +20,15 @@ def commit() -> str:
         return "unknown"
 
 
+def cuda_missing(script: str) -> str | None:
+    """Why ``script`` cannot measure here (it times the GPU path against a GPU's floor), or
+    None when a CUDA device is present."""
+    if torch.cuda.is_available():
+        return None
+    return (f"{script} measures the GPU path and needs a CUDA device; none is visible here "
+            "(run it on the GPU machine: perf/gpu_session.sh)")
+
+
 def meta() -> dict[str, str]:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {"commit": commit(), "gpu": gpu, "torch": torch.__version__}

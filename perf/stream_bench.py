@@ -397,6 +397,9 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> int:
     args = parse_args()
+    if (why := run_meta.cuda_missing("stream_bench.py")) is not None:
+        print(why, file=sys.stderr)
+        return 2
     config = Config(model=args.model, device="cuda", dtype=args.dtype, cache_dir=args.cache_dir,
                     kv_cache_tokens=args.kv_cache_tokens, max_batch_tokens=args.max_batch_tokens,
                     kernel_policy=args.kernel_policy, warm_up_kernels=not args.no_kernel_warm_up,
