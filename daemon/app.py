@@ -216,6 +216,7 @@ async def _start_engine(
     except Exception as exc:
         log.exception("the engine failed to start")
         raise StartupError(EXIT_MODEL, f"the engine failed to start: {exc}") from exc
+    await loaded.engine.restore_sessions()  # before /ready: clients find their sessions back
     name = loaded.model.name
     attach_engine(app, loaded.engine, model=name, kernels=loaded.binding.chosen())
     log.info("engine started", extra={"model": name, "device": str(loaded.model.decoder.device)})

@@ -26,6 +26,7 @@ CONFIG_FLAGS: dict[str, tuple[str, str, str]] = {
     "--device": ("DEVICE", "auto, cpu, cuda or cuda:N", ""),
     "--dtype": ("DTYPE", "auto, float32, bfloat16 or float16", ""),
     "--cache-dir": ("DIR", "model cache and kernel timings", "$LIVELM_HOME or ~/.cache/livelm"),
+    "--journal-dir": ("DIR", "sessions' entries on disk, restored at start", "empty = off"),
     "--log-level": ("LEVEL", "debug, info, warning, error or critical", ""),
     "--log-format": ("FORMAT", "json or text", ""),
     "--kv-cache-tokens": ("N", "KV pool size in tokens", "0 = from free memory"),

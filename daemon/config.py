@@ -37,6 +37,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16
     cache_dir: str = ""  # empty = $LIVELM_HOME or ~/.cache/livelm
+    journal_dir: str = ""  # sessions' entries on disk, restored at start; empty = off
     log_level: str = "info"
     log_format: str = "json"  # json | text
     # each line starts with <N>, its syslog priority, which journald reads (SyslogLevelPrefix=)
@@ -139,7 +140,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         ConfigError: neither heals by restarting. Checked at startup, not on construction, so a
         Config may name another machine's paths."""
         _check_model_path(self.model)
-        _check_cache_dir(self.cache_path())
+        _check_writable_dir(self.cache_path(), "cache_dir", "cache_dir (or LIVELM_HOME)")
+        if self.journal_dir:
+            _check_writable_dir(Path(self.journal_dir).expanduser(), "journal_dir", "journal_dir")
 
     def redacted(self) -> dict[str, Any]:
         """The settings as a dict fit for logs: API keys are replaced by their count."""
@@ -341,6 +344,7 @@ _RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
         "one of auto, float32, bfloat16, float16",
     ),
     "cache_dir": (lambda v: True, "a folder path"),
+    "journal_dir": (lambda v: True, "a folder path (empty: no journal)"),
     "log_level": (lambda v: v in _LEVELS, "one of " + ", ".join(_LEVELS)),
     "log_format": (lambda v: v in ("json", "text"), "one of json, text"),
     "log_syslog_prefix": (lambda v: True, "true or false"),
@@ -432,7 +436,7 @@ def _check_model_path(model: str) -> None:
         )
 
 
-def _check_cache_dir(folder: Path) -> None:
+def _check_writable_dir(folder: Path, setting: str, knob: str) -> None:
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(dir=folder):
@@ -440,6 +444,6 @@ def _check_cache_dir(folder: Path) -> None:
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
-            f"cache_dir: {str(folder)!r} cannot be created or written ({reason}); point "
-            "cache_dir (or LIVELM_HOME) at a folder the daemon's user can write"
+            f"{setting}: {str(folder)!r} cannot be created or written ({reason}); point "
+            f"{knob} at a folder the daemon's user can write"
         ) from exc

@@ -168,6 +168,8 @@ ENGINE_HELP = {
     "prefix_cache_misses_total": "Turns that found no reusable KV",
     "prefix_cache_reused_tokens_total": "Prompt tokens served from kept KV instead of computed",
     "prefix_cache_evictions_total": "Kept conversations dropped to make room",
+    "journal_sessions_restored_total": "Sessions restored from journal_dir at start",
+    "journal_errors_total": "Journal writes that failed (those sessions are no longer journaled)",
     "entries_accepted_total": "Data entries accepted by pushes",
     "queries_started_total": "Queries handed to the worker (cached answers excluded)",
     "tokens_generated_total": "Answer tokens generated",

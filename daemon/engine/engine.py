@@ -15,8 +15,10 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgspec
 import numpy as np
 
 from livelm.daemon.engine import records
@@ -33,6 +35,7 @@ from livelm.daemon.engine.events import SHUTDOWN, EventHub, Subscription, event_
 from livelm.daemon.engine.flash import FlashBoard
 from livelm.daemon.engine.formats import render_entry
 from livelm.daemon.engine.graphs import StepGraphs
+from livelm.daemon.engine.journal import Journal, JournalError, Saved, SessionJournal
 from livelm.daemon.engine.kv_cache import KVCache, auto_kv_tokens
 from livelm.daemon.engine.kv_manager import KVManager
 from livelm.daemon.engine.latency import Latency
@@ -150,7 +153,13 @@ class Engine:
         self._accepting = True
         self.ready = False
         self.latency = Latency()
+        self.journal = (
+            Journal(Path(config.journal_dir), config.model, self.tokenizer.vocab_size)
+            if config.journal_dir else None
+        )
         self.counters = {
+            "journal_sessions_restored_total": 0,
+            "journal_errors_total": 0,  # writes that failed: those sessions are not journaled
             "entries_accepted_total": 0,
             "queries_started_total": 0,
             "tokens_generated_total": 0,
@@ -193,6 +202,8 @@ class Engine:
             gc.unfreeze()  # what this engine held may be collected again
         if not self.worker.is_alive():
             self.ring.close()
+        if self.journal is not None:
+            self.journal.close()  # the files stay: the next start restores their sessions
 
     def _end_unfinished(self) -> None:
         """Queries still running when the drain ends: each client gets an error (retry
@@ -249,7 +260,9 @@ class Engine:
         finally:
             self._opening.discard(session_id)
 
-    async def _open_session(self, session_id: str, req: InitRequest) -> SessionReply:
+    async def _open_session(
+        self, session_id: str, req: InitRequest, *, journaled: bool = True
+    ) -> SessionReply:
         window = self._window(req.window)
         if req.template == "chat" and self.tokenizer.chat_template is None:
             raise InvalidRequest("this model has no chat template; use template 'raw'")
@@ -291,6 +304,10 @@ class Engine:
         board = self._open_flash_board(session_id)
         for spec in req.flash:
             board.register(spec)
+        if journaled and self.journal is not None:
+            init = msgspec.structs.replace(req, session_id=session_id, window=window, flash=[])
+            saved = Saved(self.journal.header(init), flash=list(req.flash))
+            self._journaled(session_id, lambda: self.journal.open(saved))
         return SessionReply(
             session_id=session_id,
             prompt_tokens=session.opening_tokens,
@@ -318,6 +335,8 @@ class Engine:
             del self.sessions[session_id]
             del self._by_slot[session.slot]
             self._flash.pop(session_id).close()
+            if self.journal is not None:
+                self.journal.drop(session_id, delete=True)
             # shielded: a client gone mid-close must not leave the worker holding the session
             # while its blocks count as free (or the other way round)
             await asyncio.shield(self._write_close(session))
@@ -335,6 +354,61 @@ class Engine:
         if session is None:
             raise UnknownSession(f"unknown session {session_id!r}")
         return session
+
+    # ---- the journal (journal_dir) -----------------------------------------------------------
+    def _journal_of(self, session_id: str) -> SessionJournal | None:
+        return None if self.journal is None else self.journal.sessions.get(session_id)
+
+    def _journaled(self, session_id: str, write: Callable[[], object]) -> None:
+        """Runs a journal write. One that fails ends the session's journal, file and all: a
+        file missing what was acknowledged since would restore a session that silently lacks
+        data. The session itself goes on."""
+        try:
+            write()
+        except JournalError as exc:
+            self.counters["journal_errors_total"] += 1
+            log.error("journal write failed, session %s is no longer journaled: %s", session_id,
+                      exc, extra={"session_id": session_id})
+            if self.journal is not None:
+                self.journal.drop(session_id, delete=True)
+
+    async def restore_sessions(self) -> int:
+        """Re-opens every journaled session with its id, window, seqs and flash queries, and
+        queues its retained entries for the worker (they are ingested as any push is: queries
+        on them wait for it). Returns how many came back; the others are set aside, logged."""
+        if self.journal is None:
+            return 0
+        restored = 0
+        for saved in self.journal.saved():
+            try:
+                await self._restore(saved)
+            except (LiveLMError, JournalError) as exc:
+                if saved.session_id in self.sessions:
+                    await self.close_session(saved.session_id)
+                self.journal.set_aside(self.journal.path(saved.session_id), str(exc))
+                continue
+            restored += 1
+        self.counters["journal_sessions_restored_total"] += restored
+        if restored:
+            log.info("sessions restored from the journal", extra={"sessions": restored})
+        return restored
+
+    async def _restore(self, saved: Saved) -> None:
+        await self._open_session(saved.session_id, saved.header.init, journaled=False)
+        session = self.sessions[saved.session_id]
+        if saved.first_kept > 1:  # seqs go on from where they were
+            session.last_seq = session.dropped = saved.first_kept - 1
+            await self._write_records(
+                [records.encode(records.Kind.TRIM, session.slot, saved.first_kept)]
+            )
+        entries = [tokens for _, tokens in saved.entries]
+        step = self.config.max_push_entries
+        for at in range(0, len(entries), step):
+            self._check_entry_sizes(session, entries[at:at + step])
+            await self._accept(session, entries[at:at + step])
+        for spec in saved.flash:
+            self._flash[saved.session_id].register(spec)
+        self.journal.open(saved)  # rewritten with what is retained, and appended to from here
 
     # ---- data ----------------------------------------------------------------------------
     async def push(self, session_id: str, data: list[Any]) -> PushReply:
@@ -388,6 +462,9 @@ class Engine:
             ]
             await self._write_records(words)
             session.commit(plan)
+            if (journal := self._journal_of(session.session_id)) is not None:
+                self._journaled(session.session_id,
+                                lambda: journal.push(plan.first_seq, tokens, plan.first_kept_seq))
             if trims:  # the worker will recompute every retained entry: status says so now
                 session.pending_tokens = max(session.pending_tokens, plan.data_tokens)
             session.acks.append((session.last_seq, time.monotonic()))
@@ -574,7 +651,10 @@ class Engine:
         self._check_accepting()
         session = self._session(session_id)
         await self._check_flash_spec(spec, session.question_suffix, "")
-        return self._flash[session_id].register(spec)
+        registered = self._flash[session_id].register(spec)
+        if (journal := self._journal_of(session_id)) is not None:
+            self._journaled(session_id, lambda: journal.flash(spec))
+        return registered
 
     def flash_answers(self, session_id: str) -> list[FlashAnswer]:
         self._session(session_id)

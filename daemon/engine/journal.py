@@ -1,0 +1,263 @@
+"""A session's entries on disk, so sessions survive a restart.
+
+Entries are the source of truth and the KV cache is derived from them: with ``journal_dir`` set,
+each session appends what it accepts to ``<dir>/<session_id>.journal`` (its opening, its flash
+queries, each push's tokens, each window trim), and the next start re-opens every journaled
+session with the same id, seqs and window and re-ingests its retained entries. A closed session's
+file is deleted.
+
+A file is a sequence of frames, each a 4-byte little-endian length and a MessagePack record.
+Every frame goes to the OS in one unbuffered write, so a killed process loses nothing it had
+acknowledged (a power loss may lose the last writes: the OS had not flushed them). A torn last
+frame is ignored when read back. Trims make a file grow past what a session retains; once the
+dropped entries outnumber the retained ones the file is rewritten with the retained ones only
+(written aside, then renamed over it).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+from array import array
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+
+from livelm.protocol.messages import FlashSpec, InitRequest
+
+log = logging.getLogger("livelm.journal")
+
+SUFFIX = ".journal"
+_LENGTH = struct.Struct("<I")
+COMPACT_MIN_DROPPED = 256  # dropped entries before a rewrite is worth it
+
+
+class Header(msgspec.Struct, tag="header"):
+    model: str
+    vocab_size: int
+    init: InitRequest  # as opened, its window resolved
+
+
+class Flash(msgspec.Struct, tag="flash"):
+    spec: FlashSpec
+
+
+class Push(msgspec.Struct, tag="push"):
+    first_seq: int
+    tokens: list[bytes]  # per entry, int32 token ids
+
+
+class Trim(msgspec.Struct, tag="trim"):
+    first_kept: int
+
+
+Record = Header | Flash | Push | Trim
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Record)
+
+
+class JournalError(Exception):
+    """A journal could not be written (the session goes on without one) or read."""
+
+
+@dataclass
+class Saved:
+    """A session as its journal left it."""
+
+    header: Header
+    flash: list[FlashSpec] = field(default_factory=list)
+    entries: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (seq, tokens)
+    first_kept: int = 1
+
+    @property
+    def session_id(self) -> str:
+        return self.header.init.session_id or ""
+
+    @property
+    def last_seq(self) -> int:
+        return self.entries[-1][0] if self.entries else self.first_kept - 1
+
+
+def frame(record: Record) -> bytes:
+    payload = _encoder.encode(record)
+    return _LENGTH.pack(len(payload)) + payload
+
+
+def token_bytes(tokens: list[int]) -> bytes:
+    return array("i", tokens).tobytes()
+
+
+def read_records(path: Path) -> list[Record]:
+    """The file's records; a torn or unreadable tail (a crash mid-write) is left out."""
+    data = path.read_bytes()
+    records: list[Record] = []
+    at = 0
+    while at + _LENGTH.size <= len(data):
+        (size,) = _LENGTH.unpack_from(data, at)
+        end = at + _LENGTH.size + size
+        if end > len(data):
+            break
+        try:
+            records.append(_decoder.decode(data[at + _LENGTH.size:end]))
+        except msgspec.DecodeError:
+            break
+        at = end
+    if at < len(data):
+        log.warning("journal %s: ignored %d bytes of a torn or unreadable tail", path.name,
+                    len(data) - at, extra={"journal": str(path)})
+    return records
+
+
+def replay(records: list[Record]) -> Saved:
+    """What a session's records leave retained."""
+    if not records or not isinstance(records[0], Header):
+        raise JournalError("it does not start with a header")
+    saved = Saved(records[0])
+    for record in records[1:]:
+        if isinstance(record, Flash):
+            saved.flash.append(record.spec)
+        elif isinstance(record, Push):
+            for i, raw in enumerate(record.tokens):
+                saved.entries.append((record.first_seq + i, array("i", raw).tolist()))
+        elif isinstance(record, Trim):
+            saved.first_kept = max(saved.first_kept, record.first_kept)
+        else:
+            raise JournalError("a second header")
+        while saved.entries and saved.entries[0][0] < saved.first_kept:
+            saved.entries.popleft()
+    return saved
+
+
+class SessionJournal:
+    """One open session's file, appended to as the session accepts data."""
+
+    def __init__(self, path: Path, saved: Saved) -> None:
+        self.path = path
+        self.saved = saved  # kept in step with the file: what a rewrite writes
+        self.dropped_since_rewrite = 0
+        self._fd = -1
+        self.rewrite()
+
+    def flash(self, spec: FlashSpec) -> None:
+        self.saved.flash.append(spec)
+        self._append(frame(Flash(spec)))
+
+    def push(self, first_seq: int, tokens: list[list[int]], first_kept: int | None) -> None:
+        """A push's entries, then the trim it caused (which may drop some of them too)."""
+        raw = [token_bytes(t) for t in tokens]
+        out = frame(Push(first_seq, raw))
+        self.saved.entries.extend((first_seq + i, t) for i, t in enumerate(tokens))
+        if first_kept is not None:
+            out += frame(Trim(first_kept))
+            self.saved.first_kept = max(self.saved.first_kept, first_kept)
+            while self.saved.entries and self.saved.entries[0][0] < self.saved.first_kept:
+                self.saved.entries.popleft()
+                self.dropped_since_rewrite += 1
+        self._append(out)
+        if self.dropped_since_rewrite > max(COMPACT_MIN_DROPPED, len(self.saved.entries)):
+            self.rewrite()
+
+    def rewrite(self) -> None:
+        """The file anew, with only what is retained (written aside, then renamed over it)."""
+        saved = self.saved
+        records: list[Record] = [saved.header, *(Flash(s) for s in saved.flash)]
+        if saved.entries:
+            first = saved.entries[0][0]
+            records.append(Push(first, [token_bytes(t) for _, t in saved.entries]))
+        if saved.first_kept > 1:
+            records.append(Trim(saved.first_kept))
+        aside = self.path.with_name(self.path.name + ".new")
+        try:
+            aside.write_bytes(b"".join(frame(r) for r in records))
+            os.replace(aside, self.path)
+            self.close()
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError as exc:
+            raise JournalError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        self.dropped_since_rewrite = 0
+
+    def _append(self, data: bytes) -> None:
+        try:
+            written = os.write(self._fd, data)
+        except OSError as exc:
+            raise JournalError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        if written != len(data):  # a full disk: the file now ends in a torn frame
+            raise JournalError(f"cannot write {self.path}: short write ({written} of {len(data)})")
+
+    def close(self) -> None:
+        if self._fd < 0:
+            return
+        fd, self._fd = self._fd, -1
+        try:
+            os.close(fd)
+        except OSError as exc:  # what was written is in the file already; nothing to redo
+            log.warning("closing journal %s: %s", self.path.name, exc.strerror or exc)
+
+
+class Journal:
+    """The journal folder: its sessions' files, and what they hold at start-up."""
+
+    def __init__(self, folder: Path, model: str, vocab_size: int) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)  # checked writable at start-up (check_paths)
+        self.model = model
+        self.vocab_size = vocab_size
+        self.sessions: dict[str, SessionJournal] = {}
+
+    def path(self, session_id: str) -> Path:
+        return self.folder / f"{session_id}{SUFFIX}"
+
+    def header(self, init: InitRequest) -> Header:
+        return Header(self.model, self.vocab_size, init)
+
+    def saved(self) -> list[Saved]:
+        """Every journaled session this model can restore; the others are renamed aside
+        (``.failed``) with a warning saying why."""
+        found = []
+        for path in sorted(self.folder.glob(f"*{SUFFIX}")):
+            try:
+                saved = replay(read_records(path))
+                self._check_model(saved.header)
+            except (OSError, JournalError) as exc:
+                self.set_aside(path, str(exc))
+                continue
+            found.append(saved)
+        return found
+
+    def _check_model(self, header: Header) -> None:
+        if (header.model, header.vocab_size) != (self.model, self.vocab_size):
+            raise JournalError(
+                f"it was written for model {header.model!r} ({header.vocab_size} tokens), "
+                f"this daemon serves {self.model!r} ({self.vocab_size} tokens)"
+            )
+
+    def set_aside(self, path: Path, why: str) -> None:
+        log.warning("journal %s not restored: %s; renamed to %s.failed", path.name, why,
+                    path.name, extra={"journal": str(path)})
+        try:
+            os.replace(path, path.with_name(path.name + ".failed"))
+        except OSError as exc:
+            log.error("cannot rename journal %s: %s", path, exc)
+
+    def open(self, saved: Saved) -> SessionJournal:
+        journal = SessionJournal(self.path(saved.session_id), saved)
+        self.sessions[saved.session_id] = journal
+        return journal
+
+    def drop(self, session_id: str, *, delete: bool) -> None:
+        """Stop journaling a session; ``delete`` removes its file (the session was closed)."""
+        journal = self.sessions.pop(session_id, None)
+        if journal is None:
+            return
+        journal.close()
+        if delete:
+            journal.path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """At shutdown: the files stay for the next start."""
+        for journal in self.sessions.values():
+            journal.close()
+        self.sessions.clear()

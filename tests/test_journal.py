@@ -1,0 +1,157 @@
+"""The session journal: its files read back as written (torn tails, rewrites, another model's
+files set aside), and sessions that come back, exact, after a daemon is killed and restarted."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import requests
+
+from livelm.daemon.engine.engine import Engine
+from livelm.daemon.engine.journal import Journal, Saved
+from livelm.daemon.model.demo import ensure_demo_model
+from livelm.protocol.messages import FlashSpec, InitRequest
+from tests.daemon_process import start_daemon
+from tests.engine_harness import loaded, run_engine
+
+TIMEOUT = 60
+
+
+def _journal(folder: Path, model: str = "demo") -> Journal:
+    return Journal(folder, model, 512)
+
+
+def _opened(journal: Journal, session_id: str = "desk") -> Saved:
+    init = InitRequest(prompt="Feed.", session_id=session_id, template="raw", window=300)
+    return Saved(journal.header(init), flash=[FlashSpec(query="Up?", max_tokens=3)])
+
+
+def test_a_journal_reads_back_what_was_written(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    desk = journal.open(_opened(journal))
+    desk.push(1, [[5, 6], [7]], None)
+    desk.push(3, [[8, 9, 10], [11]], 2)  # the window dropped seq 1
+    desk.flash(FlashSpec(query="Down?"))
+    journal.close()
+    (saved,) = _journal(tmp_path).saved()
+    assert saved.session_id == "desk" and saved.header.init.window == 300
+    assert list(saved.entries) == [(2, [7]), (3, [8, 9, 10]), (4, [11])]
+    assert (saved.first_kept, saved.last_seq) == (2, 4)
+    assert [s.query for s in saved.flash] == ["Up?", "Down?"]
+
+
+def test_a_torn_last_frame_is_left_out(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    journal.open(_opened(journal)).push(1, [[5]], None)
+    journal.close()
+    path = journal.path("desk")
+    whole = path.read_bytes()
+    journal.open(journal.saved()[0]).push(2, [[6, 7]], None)
+    journal.close()
+    path.write_bytes(path.read_bytes()[:-3])  # killed in the middle of the last write
+    (saved,) = _journal(tmp_path).saved()
+    assert list(saved.entries) == [(1, [5])]
+    assert len(whole) < len(path.read_bytes())
+
+
+def test_trims_rewrite_the_file_to_what_is_retained(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    desk = journal.open(_opened(journal))
+    sizes = []
+    for seq in range(1, 3001):
+        desk.push(seq, [[seq % 500, 1, 2]], seq - 9 if seq > 10 else None)  # keeps 10
+        sizes.append(journal.path("desk").stat().st_size)
+    journal.close()
+    (saved,) = _journal(tmp_path).saved()
+    assert [seq for seq, _ in saved.entries] == list(range(2991, 3001))
+    assert saved.entries[-1][1] == [3000 % 500, 1, 2]
+    assert max(sizes) < 20 * sizes[20]  # it never grew with the 3000 pushes
+
+
+def test_another_models_journal_is_set_aside(tmp_path: Path) -> None:
+    journal = _journal(tmp_path, model="random:tiny")
+    journal.open(_opened(journal)).push(1, [[5]], None)
+    journal.close()
+    assert _journal(tmp_path).saved() == []
+    assert (tmp_path / "desk.journal.failed").exists()
+    assert not (tmp_path / "desk.journal").exists()
+
+
+def _post(url: str, path: str, body: dict) -> dict:
+    reply = requests.post(f"{url}{path}", json=body, timeout=TIMEOUT)
+    assert reply.status_code == 200, reply.text
+    return reply.json()
+
+
+def _ingested(url: str, sid: str) -> dict:
+    deadline = time.monotonic() + TIMEOUT
+    while True:
+        status = requests.get(f"{url}/v1/sessions/{sid}/stream/status", timeout=TIMEOUT).json()
+        if status["ingested_seq"] == status["data_seq"] and not status["pending_tokens"]:
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.02)
+
+
+def test_sessions_come_back_after_the_daemon_is_killed(tmp_path: Path) -> None:
+    args = ["--model", "demo", "--journal-dir", str(tmp_path / "journal")]
+    ask = {"prompt": "What comes next?", "max_tokens": 8}
+    with start_daemon(args, log_dir=tmp_path) as daemon:
+        url = daemon.url
+        _post(url, "/v1/sessions/init", {"session_id": "desk", "prompt": "Ticks.",
+                                         "template": "raw", "window": 400,
+                                         "flash": [{"query": "Up or down?", "max_tokens": 3}]})
+        _post(url, "/v1/sessions/init", {"session_id": "gone", "template": "raw"})
+        for burst in range(8):  # past the window: the oldest entries are dropped
+            ticks = [f"tick {burst}.{i} price {100 + i} volume {i * 7}" for i in range(10)]
+            _post(url, "/v1/sessions/desk/stream/push", {"data": ticks})
+        _post(url, "/v1/sessions/gone/stream/push", {"data": ["x"]})
+        requests.delete(f"{url}/v1/sessions/gone", timeout=TIMEOUT)
+        before = _ingested(url, "desk")
+        answer = _post(url, "/v1/sessions/desk/generate", ask)
+        daemon.proc.kill()  # no drain: what was acknowledged must already be on disk
+        daemon.proc.wait()
+    assert before["dropped_entries"] > 0
+    with start_daemon(args, log_dir=tmp_path) as daemon:
+        url = daemon.url
+        after = _ingested(url, "desk")
+        for key in ("data_seq", "first_seq", "entries", "dropped_entries", "context_tokens",
+                    "window", "template", "format"):
+            assert after[key] == before[key], key
+        again = _post(url, "/v1/sessions/desk/generate", ask)
+        assert (again["text"], again["data_seq"]) == (answer["text"], answer["data_seq"])
+        gone = requests.get(f"{url}/v1/sessions/gone/stream/status", timeout=TIMEOUT)
+        assert gone.status_code == 404  # closed before the restart: not restored
+        seq = _post(url, "/v1/sessions/desk/stream/push", {"data": ["tick 9"]})["seq"]
+        assert seq == before["data_seq"] + 1  # seqs go on
+        deadline = time.monotonic() + TIMEOUT
+        while not (flash := requests.get(f"{url}/v1/sessions/desk/flash",
+                                         timeout=TIMEOUT).json()["answers"]):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert flash[0]["query"] == "Up or down?"
+        metrics = requests.get(f"{url}/metrics", timeout=TIMEOUT).text
+        assert "livelm_journal_sessions_restored_total 1" in metrics
+
+
+def test_a_failed_write_ends_the_journal_not_the_session(tmp_path: Path) -> None:
+    """A journal that cannot be written (here its file descriptor is gone, as a full disk
+    would fail it) is dropped, file and all, and counted; the push itself succeeds."""
+    model = loaded(ensure_demo_model(tmp_path / "demo"), tmp_path)
+
+    async def scenario(engine: Engine):
+        init = InitRequest(prompt="Feed.", template="raw", session_id="desk")
+        await engine.init_session(init)
+        path = engine.journal.path("desk")
+        written = path.exists()
+        os.close(engine.journal.sessions["desk"]._fd)  # the fault
+        seq = (await engine.push("desk", ["tick 1"])).seq
+        return written, path.exists(), seq, engine.counters["journal_errors_total"]
+
+    written, still_there, seq, errors = run_engine(
+        model, scenario, journal_dir=str(tmp_path / "journal")
+    )
+    assert written and not still_there
+    assert (seq, errors) == (1, 1)
