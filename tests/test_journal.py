@@ -23,6 +23,10 @@ def _journal(folder: Path, model: str = "demo") -> Journal:
     return Journal(folder, model, 512)
 
 
+def _entries(saved: Saved) -> list[tuple[int, list[int]]]:
+    return [(seq, tokens.tolist()) for seq, tokens in saved.entries]
+
+
 def _opened(journal: Journal, session_id: str = "desk") -> Saved:
     init = InitRequest(prompt="Feed.", session_id=session_id, template="raw", window=300)
     return Saved(journal.header(init), flash=[FlashSpec(query="Up?", max_tokens=3)])
@@ -37,7 +41,7 @@ def test_a_journal_reads_back_what_was_written(tmp_path: Path) -> None:
     journal.close()
     (saved,) = _journal(tmp_path).saved()
     assert saved.session_id == "desk" and saved.header.init.window == 300
-    assert list(saved.entries) == [(2, [7]), (3, [8, 9, 10]), (4, [11])]
+    assert _entries(saved) == [(2, [7]), (3, [8, 9, 10]), (4, [11])]
     assert (saved.first_kept, saved.last_seq) == (2, 4)
     assert [s.query for s in saved.flash] == ["Up?", "Down?"]
 
@@ -52,7 +56,7 @@ def test_a_torn_last_frame_is_left_out(tmp_path: Path) -> None:
     journal.close()
     path.write_bytes(path.read_bytes()[:-3])  # killed in the middle of the last write
     (saved,) = _journal(tmp_path).saved()
-    assert list(saved.entries) == [(1, [5])]
+    assert _entries(saved) == [(1, [5])]
     assert len(whole) < len(path.read_bytes())
 
 
@@ -66,7 +70,7 @@ def test_trims_rewrite_the_file_to_what_is_retained(tmp_path: Path) -> None:
     journal.close()
     (saved,) = _journal(tmp_path).saved()
     assert [seq for seq, _ in saved.entries] == list(range(2991, 3001))
-    assert saved.entries[-1][1] == [3000 % 500, 1, 2]
+    assert _entries(saved)[-1][1] == [3000 % 500, 1, 2]
     assert max(sizes) < 20 * sizes[20]  # it never grew with the 3000 pushes
 
 

@@ -401,7 +401,7 @@ class Engine:
             await self._write_records(
                 [records.encode(records.Kind.TRIM, session.slot, saved.first_kept)]
             )
-        entries = [tokens for _, tokens in saved.entries]
+        entries = [tokens.tolist() for _, tokens in saved.entries]
         step = self.config.max_push_entries
         for at in range(0, len(entries), step):
             self._check_entry_sizes(session, entries[at:at + step])

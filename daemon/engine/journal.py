@@ -69,7 +69,8 @@ class Saved:
 
     header: Header
     flash: list[FlashSpec] = field(default_factory=list)
-    entries: deque[tuple[int, list[int]]] = field(default_factory=deque)  # (seq, tokens)
+    # (seq, token ids): 4 bytes a token, where a list of ints would take 36
+    entries: deque[tuple[int, array]] = field(default_factory=deque)
     first_kept: int = 1
 
     @property
@@ -84,10 +85,6 @@ class Saved:
 def frame(record: Record) -> bytes:
     payload = _encoder.encode(record)
     return _LENGTH.pack(len(payload)) + payload
-
-
-def token_bytes(tokens: list[int]) -> bytes:
-    return array("i", tokens).tobytes()
 
 
 def read_records(path: Path) -> list[Record]:
@@ -121,7 +118,7 @@ def replay(records: list[Record]) -> Saved:
             saved.flash.append(record.spec)
         elif isinstance(record, Push):
             for i, raw in enumerate(record.tokens):
-                saved.entries.append((record.first_seq + i, array("i", raw).tolist()))
+                saved.entries.append((record.first_seq + i, array("i", raw)))
         elif isinstance(record, Trim):
             saved.first_kept = max(saved.first_kept, record.first_kept)
         else:
@@ -147,9 +144,9 @@ class SessionJournal:
 
     def push(self, first_seq: int, tokens: list[list[int]], first_kept: int | None) -> None:
         """A push's entries, then the trim it caused (which may drop some of them too)."""
-        raw = [token_bytes(t) for t in tokens]
-        out = frame(Push(first_seq, raw))
-        self.saved.entries.extend((first_seq + i, t) for i, t in enumerate(tokens))
+        ids = [array("i", t) for t in tokens]
+        out = frame(Push(first_seq, [a.tobytes() for a in ids]))
+        self.saved.entries.extend((first_seq + i, a) for i, a in enumerate(ids))
         if first_kept is not None:
             out += frame(Trim(first_kept))
             self.saved.first_kept = max(self.saved.first_kept, first_kept)
@@ -166,7 +163,7 @@ class SessionJournal:
         records: list[Record] = [saved.header, *(Flash(s) for s in saved.flash)]
         if saved.entries:
             first = saved.entries[0][0]
-            records.append(Push(first, [token_bytes(t) for _, t in saved.entries]))
+            records.append(Push(first, [t.tobytes() for _, t in saved.entries]))
         if saved.first_kept > 1:
             records.append(Trim(saved.first_kept))
         aside = self.path.with_name(self.path.name + ".new")
