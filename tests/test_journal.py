@@ -7,11 +7,13 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import requests
 
 from livelm.daemon.engine.engine import Engine
 from livelm.daemon.engine.journal import Journal, Saved
 from livelm.daemon.model.demo import ensure_demo_model
+from livelm.protocol.errors import ConfigError
 from livelm.protocol.messages import FlashSpec, InitRequest
 from tests.daemon_process import start_daemon
 from tests.engine_harness import loaded, run_engine
@@ -21,6 +23,15 @@ TIMEOUT = 60
 
 def _journal(folder: Path, model: str = "demo") -> Journal:
     return Journal(folder, model, 512)
+
+
+def _read(folder: Path) -> list[Saved]:
+    """What a fresh start would restore from ``folder``."""
+    journal = _journal(folder)
+    try:
+        return journal.saved()
+    finally:
+        journal.close()
 
 
 def _entries(saved: Saved) -> list[tuple[int, list[int]]]:
@@ -39,7 +50,7 @@ def test_a_journal_reads_back_what_was_written(tmp_path: Path) -> None:
     desk.push(3, [[8, 9, 10], [11]], 2)  # the window dropped seq 1
     desk.flash(FlashSpec(query="Down?"))
     journal.close()
-    (saved,) = _journal(tmp_path).saved()
+    (saved,) = _read(tmp_path)
     assert saved.session_id == "desk" and saved.header.init.window == 300
     assert _entries(saved) == [(2, [7]), (3, [8, 9, 10]), (4, [11])]
     assert (saved.first_kept, saved.last_seq) == (2, 4)
@@ -52,10 +63,11 @@ def test_a_torn_last_frame_is_left_out(tmp_path: Path) -> None:
     journal.close()
     path = journal.path("desk")
     whole = path.read_bytes()
+    journal = _journal(tmp_path)
     journal.open(journal.saved()[0]).push(2, [[6, 7]], None)
     journal.close()
     path.write_bytes(path.read_bytes()[:-3])  # killed in the middle of the last write
-    (saved,) = _journal(tmp_path).saved()
+    (saved,) = _read(tmp_path)
     assert _entries(saved) == [(1, [5])]
     assert len(whole) < len(path.read_bytes())
 
@@ -68,7 +80,7 @@ def test_trims_rewrite_the_file_to_what_is_retained(tmp_path: Path) -> None:
         desk.push(seq, [[seq % 500, 1, 2]], seq - 9 if seq > 10 else None)  # keeps 10
         sizes.append(journal.path("desk").stat().st_size)
     journal.close()
-    (saved,) = _journal(tmp_path).saved()
+    (saved,) = _read(tmp_path)
     assert [seq for seq, _ in saved.entries] == list(range(2991, 3001))
     assert _entries(saved)[-1][1] == [3000 % 500, 1, 2]
     assert max(sizes) < 20 * sizes[20]  # it never grew with the 3000 pushes
@@ -78,9 +90,17 @@ def test_another_models_journal_is_set_aside(tmp_path: Path) -> None:
     journal = _journal(tmp_path, model="random:tiny")
     journal.open(_opened(journal)).push(1, [[5]], None)
     journal.close()
-    assert _journal(tmp_path).saved() == []
+    assert _read(tmp_path) == []
     assert (tmp_path / "desk.journal.failed").exists()
     assert not (tmp_path / "desk.journal").exists()
+
+
+def test_one_journal_folder_serves_one_daemon(tmp_path: Path) -> None:
+    first = _journal(tmp_path)
+    with pytest.raises(ConfigError, match=f"in use by another livelm daemon \\(pid {os.getpid()}\\)"):
+        _journal(tmp_path)
+    first.close()
+    _journal(tmp_path).close()  # free again once the first let it go
 
 
 def _post(url: str, path: str, body: dict) -> dict:

@@ -16,6 +16,7 @@ dropped entries outnumber the retained ones the file is rewritten with the retai
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import msgspec
 
+from livelm.protocol.errors import ConfigError
 from livelm.protocol.messages import FlashSpec, InitRequest
 
 log = logging.getLogger("livelm.journal")
@@ -200,6 +202,7 @@ class Journal:
     def __init__(self, folder: Path, model: str, vocab_size: int) -> None:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)  # checked writable at start-up (check_paths)
+        self._lock_fd = _lock(folder)
         self.model = model
         self.vocab_size = vocab_size
         self.sessions: dict[str, SessionJournal] = {}
@@ -254,7 +257,29 @@ class Journal:
             journal.path.unlink(missing_ok=True)
 
     def close(self) -> None:
-        """At shutdown: the files stay for the next start."""
+        """At shutdown: the files stay for the next start, and the folder is let go."""
         for journal in self.sessions.values():
             journal.close()
         self.sessions.clear()
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)  # releases the lock
+            self._lock_fd = -1
+
+
+def _lock(folder: Path) -> int:
+    """An exclusive lock on the folder for this process's life (the OS drops it when the
+    process dies): two daemons appending to the same files would corrupt them."""
+    path = folder / "LOCK"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"journal_dir: {str(folder)!r} is in use by another livelm daemon (pid {holder}); "
+            "each daemon needs a journal_dir of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
