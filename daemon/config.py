@@ -180,6 +180,28 @@ def load_config(
 
 # --- sources: each gives {field: (raw value, where it came from, is it text to parse)} -------
 
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """safe_load's loader, refusing a key given twice (PyYAML keeps the last in silence)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """One line: what is wrong, and where (PyYAML's own message spans several)."""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    return f"{problem} (line {mark.line + 1}, column {mark.column + 1})" if mark else problem
+
 Layer = dict[str, tuple[Any, str, bool]]
 
 
@@ -188,11 +210,11 @@ def _yaml_layer(path: str) -> Layer:
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
     try:
-        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path!r} cannot be read: {exc}") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"config file {path!r} is not valid YAML: {_yaml_problem(exc)}") from exc
     if data is None:  # an empty (or all-comments) file
         return {}
     if not isinstance(data, dict):

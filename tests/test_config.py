@@ -132,8 +132,16 @@ def test_yaml_that_is_not_a_mapping(tmp_path: Path) -> None:
 
 
 def test_yaml_syntax_error(tmp_path: Path) -> None:
-    message = config_error(yaml_path=write_yaml(tmp_path, "port: [8080\n"))
-    assert "not valid YAML" in message
+    message = config_error(yaml_path=write_yaml(tmp_path, "port: [8080\nhost: x\n"))
+    assert "not valid YAML" in message and "(line 2, column 5)" in message
+    assert "\n" not in message  # one line in the journal
+
+
+def test_a_key_given_twice_is_refused(tmp_path: Path) -> None:
+    """PyYAML keeps the last of two in silence: an operator's edit lower down would win, or
+    be overridden, unseen."""
+    message = config_error(yaml_path=write_yaml(tmp_path, "port: 8080\nport: 9090\n"))
+    assert "key 'port' appears twice (line 2" in message
 
 
 @pytest.mark.parametrize(
