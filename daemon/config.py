@@ -210,7 +210,8 @@ def _yaml_layer(path: str) -> Layer:
     if not file.is_file():
         raise ConfigError(f"config file {path!r} does not exist or is not a file")
     try:
-        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506
+        # _UniqueKeyLoader is a SafeLoader: plain data only, as safe_load
+        data = yaml.load(file.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"config file {path!r} cannot be read: {exc}") from exc
     except yaml.YAMLError as exc:
