@@ -21,8 +21,8 @@ from tests.engine_harness import loaded, run_engine
 TIMEOUT = 60
 
 
-def _journal(folder: Path, model: str = "demo") -> Journal:
-    return Journal(folder, model, 512)
+def _journal(folder: Path, tokenizer: str = "tokenizer-a") -> Journal:
+    return Journal(folder, "demo", tokenizer, 512)
 
 
 def _read(folder: Path) -> list[Saved]:
@@ -86,13 +86,73 @@ def test_trims_rewrite_the_file_to_what_is_retained(tmp_path: Path) -> None:
     assert max(sizes) < 20 * sizes[20]  # it never grew with the 3000 pushes
 
 
-def test_another_models_journal_is_set_aside(tmp_path: Path) -> None:
-    journal = _journal(tmp_path, model="random:tiny")
-    journal.open(_opened(journal)).push(1, [[5]], None)
+def test_another_tokenizers_journal_is_set_aside_and_kept(tmp_path: Path) -> None:
+    for round_ in range(2):  # a second set-aside does not overwrite the first
+        journal = _journal(tmp_path, tokenizer="tokenizer-b")
+        journal.open(_opened(journal)).push(1, [[5 + round_]], None)
+        journal.close()
+        assert _read(tmp_path) == []
+    assert not (tmp_path / "desk.journal").exists()
+    failed = sorted(p.name for p in tmp_path.glob("desk.journal.failed*"))
+    assert failed == ["desk.journal.failed", "desk.journal.failed.1"]
+    (tmp_path / "desk.journal.failed").rename(tmp_path / "desk.journal")  # put back by hand
+    journal = _journal(tmp_path, tokenizer="tokenizer-b")
+    assert [s.session_id for s in journal.saved()] == ["desk"]
     journal.close()
+
+
+def _write_one(folder: Path, tokens: list[list[int]]) -> Path:
+    journal = _journal(folder)
+    desk = journal.open(_opened(journal))
+    for i, t in enumerate(tokens):
+        desk.push(i + 1, [t], None)
+    journal.close()
+    return journal.path("desk")
+
+
+def test_damage_before_the_last_frame_sets_the_file_aside(tmp_path: Path) -> None:
+    """Only the last write can be torn by a crash: a flipped byte earlier is corruption, and
+    restoring what comes before it would send seqs back."""
+    path = _write_one(tmp_path, [[5], [6], [7]])
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
     assert _read(tmp_path) == []
     assert (tmp_path / "desk.journal.failed").exists()
-    assert not (tmp_path / "desk.journal").exists()
+
+
+def test_token_ids_outside_the_vocabulary_set_the_file_aside(tmp_path: Path) -> None:
+    _write_one(tmp_path, [[5], [512]])  # the vocabulary has 512 tokens: 0 to 511
+    assert _read(tmp_path) == []
+    _write_one(tmp_path / "neg", [[-1]])
+    assert _read(tmp_path / "neg") == []
+
+
+def test_a_file_must_hold_the_session_its_name_says(tmp_path: Path) -> None:
+    """The id comes from the header but the paths from the file's name: a copied or renamed
+    file would otherwise write to another session's file (or outside the folder)."""
+    path = _write_one(tmp_path, [[5]])
+    path.rename(tmp_path / "other.journal")
+    assert _read(tmp_path) == []
+    assert (tmp_path / "other.journal.failed").exists()
+
+
+def test_registering_a_query_again_adds_nothing(tmp_path: Path) -> None:
+    journal = _journal(tmp_path)
+    desk = journal.open(_opened(journal))
+    size = journal.path("desk").stat().st_size
+    for _ in range(100):
+        desk.flash(FlashSpec(query="Up?", max_tokens=3))  # as _opened registered it
+    assert journal.path("desk").stat().st_size == size
+    journal.close()
+
+
+def test_a_rewrite_cut_short_by_a_crash_is_cleaned_up(tmp_path: Path) -> None:
+    path = _write_one(tmp_path, [[5]])
+    stray = path.with_name(path.name + ".new")
+    stray.write_bytes(b"half a rewrite")
+    (saved,) = _read(tmp_path)
+    assert _entries(saved) == [(1, [5])] and not stray.exists()
 
 
 def test_one_journal_folder_serves_one_daemon(tmp_path: Path) -> None:

@@ -154,7 +154,8 @@ class Engine:
         self.ready = False
         self.latency = Latency()
         self.journal = (
-            Journal(Path(config.journal_dir), config.model, self.tokenizer.vocab_size)
+            Journal(Path(config.journal_dir), config.model, self.tokenizer.fingerprint,
+                    self.tokenizer.vocab_size)
             if config.journal_dir else None
         )
         self.counters = {
@@ -356,6 +357,20 @@ class Engine:
         return session
 
     # ---- the journal (journal_dir) -----------------------------------------------------------
+    async def _restore_flash(self, session_id: str, spec: FlashSpec) -> bool:
+        """A journaled flash query registered again; one today's settings refuse (a lower
+        ``max_flash_queries``, a smaller ``max_new_tokens``) is dropped with a warning, and
+        the session comes back without it."""
+        session = self.sessions[session_id]
+        try:
+            await self._check_flash_spec(spec, session.question_suffix, "")
+            self._flash[session_id].register(spec)
+        except LiveLMError as exc:
+            log.warning("session %s restored without its flash query %r: %s", session_id,
+                        spec.query, exc, extra={"session_id": session_id})
+            return False
+        return True
+
     def _journal_of(self, session_id: str) -> SessionJournal | None:
         return None if self.journal is None else self.journal.sessions.get(session_id)
 
@@ -383,9 +398,10 @@ class Engine:
             try:
                 await self._restore(saved)
             except (LiveLMError, JournalError) as exc:
-                if saved.session_id in self.sessions:
-                    await self.close_session(saved.session_id)
-                self.journal.set_aside(self.journal.path(saved.session_id), str(exc))
+                if self._journal_of(saved.session_id) is None and saved.session_id in self.sessions:
+                    await self.close_session(saved.session_id)  # this one, half restored
+                if saved.path is not None:
+                    self.journal.set_aside(saved.path, str(exc))
                 continue
             restored += 1
         self.counters["journal_sessions_restored_total"] += restored
@@ -394,6 +410,7 @@ class Engine:
         return restored
 
     async def _restore(self, saved: Saved) -> None:
+        new_session_id(saved.session_id, self.sessions.keys())  # a valid id, not taken
         await self._open_session(saved.session_id, saved.header.init, journaled=False)
         session = self.sessions[saved.session_id]
         if saved.first_kept > 1:  # seqs go on from where they were
@@ -406,8 +423,7 @@ class Engine:
         for at in range(0, len(entries), step):
             self._check_entry_sizes(session, entries[at:at + step])
             await self._accept(session, entries[at:at + step])
-        for spec in saved.flash:
-            self._flash[saved.session_id].register(spec)
+        saved.flash = [s for s in saved.flash if await self._restore_flash(saved.session_id, s)]
         self.journal.open(saved)  # rewritten with what is retained, and appended to from here
 
     # ---- data ----------------------------------------------------------------------------

@@ -6,10 +6,10 @@ queries, each push's tokens, each window trim), and the next start re-opens ever
 session with the same id, seqs and window and re-ingests its retained entries. A closed session's
 file is deleted.
 
-A file is a sequence of frames, each a 4-byte little-endian length and a MessagePack record.
-Every frame goes to the OS in one unbuffered write, so a killed process loses nothing it had
-acknowledged (a power loss may lose the last writes: the OS had not flushed them). A torn last
-frame is ignored when read back. Trims make a file grow past what a session retains; once the
+A file is a sequence of frames, each a 4-byte little-endian length, the payload's CRC-32 and a
+MessagePack record. Every frame goes to the OS in one unbuffered write, so a killed process
+loses nothing it had acknowledged (a power loss may lose the last writes: the OS had not flushed
+them). A torn last frame is ignored when read back; damage anywhere else sets the file aside. Trims make a file grow past what a session retains; once the
 dropped entries outnumber the retained ones the file is rewritten with the retained ones only
 (written aside, then renamed over it).
 """
@@ -17,9 +17,11 @@ dropped entries outnumber the retained ones the file is rewritten with the retai
 from __future__ import annotations
 
 import fcntl
+import itertools
 import logging
 import os
 import struct
+import zlib
 from array import array
 from collections import deque
 from dataclasses import dataclass, field
@@ -33,12 +35,15 @@ from livelm.protocol.messages import FlashSpec, InitRequest
 log = logging.getLogger("livelm.journal")
 
 SUFFIX = ".journal"
-_LENGTH = struct.Struct("<I")
+NEW = ".new"  # a rewrite in progress; left behind only by a crash before its rename
+FAILED = ".failed"
+_PREFIX = struct.Struct("<II")  # payload length, its CRC-32
 COMPACT_MIN_DROPPED = 256  # dropped entries before a rewrite is worth it
 
 
 class Header(msgspec.Struct, tag="header"):
-    model: str
+    model: str  # the spec it was written under, for messages
+    tokenizer: str  # the tokenizer's fingerprint: the tokens mean the same under it
     vocab_size: int
     init: InitRequest  # as opened, its window resolved
 
@@ -70,6 +75,7 @@ class Saved:
     """A session as its journal left it."""
 
     header: Header
+    path: Path | None = None  # the file it was read from
     flash: list[FlashSpec] = field(default_factory=list)
     # (seq, token ids): 4 bytes a token, where a list of ints would take 36
     entries: deque[tuple[int, array]] = field(default_factory=deque)
@@ -86,41 +92,51 @@ class Saved:
 
 def frame(record: Record) -> bytes:
     payload = _encoder.encode(record)
-    return _LENGTH.pack(len(payload)) + payload
+    return _PREFIX.pack(len(payload), zlib.crc32(payload)) + payload
 
 
 def read_records(path: Path) -> list[Record]:
-    """The file's records; a torn or unreadable tail (a crash mid-write) is left out."""
+    """The file's records. Only the last frame may be torn (a crash mid-write): it is left
+    out. A damaged frame with more after it is corruption, and a JournalError."""
     data = path.read_bytes()
     records: list[Record] = []
     at = 0
-    while at + _LENGTH.size <= len(data):
-        (size,) = _LENGTH.unpack_from(data, at)
-        end = at + _LENGTH.size + size
+    while at + _PREFIX.size <= len(data):
+        size, crc = _PREFIX.unpack_from(data, at)
+        end = at + _PREFIX.size + size
         if end > len(data):
-            break
+            break  # the length runs past the end: the last write was cut short
+        payload = data[at + _PREFIX.size:end]
         try:
-            records.append(_decoder.decode(data[at + _LENGTH.size:end]))
-        except msgspec.DecodeError:
-            break
+            if zlib.crc32(payload) != crc:
+                raise JournalError("checksum mismatch")
+            records.append(_decoder.decode(payload))
+        except (JournalError, msgspec.DecodeError) as exc:
+            if end < len(data):
+                raise JournalError(f"damaged at byte {at} of {len(data)}: {exc}") from exc
+            break  # the last frame is damaged: cut short too
         at = end
     if at < len(data):
-        log.warning("journal %s: ignored %d bytes of a torn or unreadable tail", path.name,
+        log.warning("journal %s: ignored %d bytes of a torn last write", path.name,
                     len(data) - at, extra={"journal": str(path)})
     return records
 
 
 def replay(records: list[Record]) -> Saved:
-    """What a session's records leave retained."""
+    """What a session's records leave retained; a JournalError if they do not hold together
+    (seqs that do not follow on, token ids outside the vocabulary)."""
     if not records or not isinstance(records[0], Header):
         raise JournalError("it does not start with a header")
     saved = Saved(records[0])
     for record in records[1:]:
         if isinstance(record, Flash):
-            saved.flash.append(record.spec)
+            if record.spec not in saved.flash:
+                saved.flash.append(record.spec)
         elif isinstance(record, Push):
+            if record.first_seq != saved.last_seq + 1:
+                raise JournalError(f"seq {record.first_seq} follows seq {saved.last_seq}")
             for i, raw in enumerate(record.tokens):
-                saved.entries.append((record.first_seq + i, array("i", raw)))
+                saved.entries.append((record.first_seq + i, _token_ids(raw, saved.header)))
         elif isinstance(record, Trim):
             saved.first_kept = max(saved.first_kept, record.first_kept)
         else:
@@ -128,6 +144,15 @@ def replay(records: list[Record]) -> Saved:
         while saved.entries and saved.entries[0][0] < saved.first_kept:
             saved.entries.popleft()
     return saved
+
+
+def _token_ids(raw: bytes, header: Header) -> array:
+    if len(raw) % 4:
+        raise JournalError("an entry's token ids are cut short")
+    ids = array("i", raw)
+    if ids and not (0 <= min(ids) and max(ids) < header.vocab_size):
+        raise JournalError(f"a token id outside the vocabulary of {header.vocab_size}")
+    return ids
 
 
 class SessionJournal:
@@ -141,6 +166,8 @@ class SessionJournal:
         self.rewrite()
 
     def flash(self, spec: FlashSpec) -> None:
+        if spec in self.saved.flash:  # registered again (a reconnect): nothing new to keep
+            return
         self.saved.flash.append(spec)
         self._append(frame(Flash(spec)))
 
@@ -163,15 +190,16 @@ class SessionJournal:
         """The file anew, with only what is retained (written aside, then renamed over it)."""
         saved = self.saved
         records: list[Record] = [saved.header, *(Flash(s) for s in saved.flash)]
+        if saved.first_kept > 1:  # first: the entries then follow on from it
+            records.append(Trim(saved.first_kept))
         if saved.entries:
             first = saved.entries[0][0]
             records.append(Push(first, [t.tobytes() for _, t in saved.entries]))
-        if saved.first_kept > 1:
-            records.append(Trim(saved.first_kept))
-        aside = self.path.with_name(self.path.name + ".new")
+        aside = self.path.with_name(self.path.name + NEW)
         try:
-            aside.write_bytes(b"".join(frame(r) for r in records))
+            _write_synced(aside, b"".join(frame(r) for r in records))
             os.replace(aside, self.path)
+            _sync_folder(self.path.parent)  # the rename itself survives a power loss
             self.close()
             self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
         except OSError as exc:
@@ -199,46 +227,59 @@ class SessionJournal:
 class Journal:
     """The journal folder: its sessions' files, and what they hold at start-up."""
 
-    def __init__(self, folder: Path, model: str, vocab_size: int) -> None:
+    def __init__(self, folder: Path, model: str, tokenizer: str, vocab_size: int) -> None:
+        """``tokenizer``: a fingerprint of the tokenizer (token ids mean the same under it)."""
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)  # checked writable at start-up (check_paths)
         self._lock_fd = _lock(folder)
-        self.model = model
-        self.vocab_size = vocab_size
+        self.model, self.tokenizer, self.vocab_size = model, tokenizer, vocab_size
         self.sessions: dict[str, SessionJournal] = {}
 
     def path(self, session_id: str) -> Path:
         return self.folder / f"{session_id}{SUFFIX}"
 
     def header(self, init: InitRequest) -> Header:
-        return Header(self.model, self.vocab_size, init)
+        return Header(self.model, self.tokenizer, self.vocab_size, init)
 
     def saved(self) -> list[Saved]:
-        """Every journaled session this model can restore; the others are renamed aside
-        (``.failed``) with a warning saying why."""
+        """Every journaled session this daemon can restore; the others are renamed aside
+        (``.failed``) with a warning saying why. Rewrites a crash cut short are removed (the
+        file they were to replace is still whole)."""
+        for stale in self.folder.glob(f"*{SUFFIX}{NEW}"):
+            stale.unlink(missing_ok=True)
         found = []
         for path in sorted(self.folder.glob(f"*{SUFFIX}")):
             try:
                 saved = replay(read_records(path))
-                self._check_model(saved.header)
+                self._check_header(saved.header, path)
             except (OSError, JournalError) as exc:
                 self.set_aside(path, str(exc))
                 continue
+            saved.path = path
             found.append(saved)
         return found
 
-    def _check_model(self, header: Header) -> None:
-        if (header.model, header.vocab_size) != (self.model, self.vocab_size):
+    def _check_header(self, header: Header, path: Path) -> None:
+        if header.tokenizer != self.tokenizer or header.vocab_size != self.vocab_size:
             raise JournalError(
-                f"it was written for model {header.model!r} ({header.vocab_size} tokens), "
-                f"this daemon serves {self.model!r} ({self.vocab_size} tokens)"
+                f"it was written with another tokenizer (model {header.model!r}); this daemon "
+                f"serves {self.model!r}"
             )
+        if path.name != f"{header.init.session_id}{SUFFIX}":
+            raise JournalError(f"it holds session {header.init.session_id!r}, not its name's")
 
     def set_aside(self, path: Path, why: str) -> None:
-        log.warning("journal %s not restored: %s; renamed to %s.failed", path.name, why,
-                    path.name, extra={"journal": str(path)})
+        """Renames a file that cannot be restored to a ``.failed`` name no other file has,
+        so nothing set aside earlier is overwritten. Renaming it back to ``.journal`` (once
+        its cause is fixed) restores it at the next start."""
+        for n in itertools.count():
+            target = path.with_name(path.name + FAILED + (f".{n}" if n else ""))
+            if not target.exists():
+                break
+        log.warning("journal %s not restored: %s; renamed to %s", path.name, why, target.name,
+                    extra={"journal": str(path)})
         try:
-            os.replace(path, path.with_name(path.name + ".failed"))
+            os.rename(path, target)
         except OSError as exc:
             log.error("cannot rename journal %s: %s", path, exc)
 
@@ -264,6 +305,25 @@ class Journal:
         if self._lock_fd >= 0:
             os.close(self._lock_fd)  # releases the lock
             self._lock_fd = -1
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _lock(folder: Path) -> int:

@@ -8,6 +8,7 @@ session matches what the model saw in training.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import logging
 from collections.abc import Sequence
@@ -127,6 +128,12 @@ class Tokenizer:
         backend = HFTokenizer.from_str(self._tok.to_str())
         backend.encode_special_tokens = True
         return backend
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Equal for two tokenizers exactly when they map text to the same ids (a hash of
+        the whole definition): what a token journal is checked against."""
+        return hashlib.sha256(self._tok.to_str().encode()).hexdigest()[:32]
 
     def use_piece_cache(self, capacity: int) -> None:
         """Encode batches through a cache of up to ``capacity`` pieces (0 = off), where this
