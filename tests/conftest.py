@@ -1,7 +1,10 @@
-"""Shared fixtures: a real demo daemon on loopback for the end-to-end tests."""
+"""Shared fixtures: a real demo daemon on loopback for the end-to-end tests, and a stream to
+catch the daemon's log records in."""
 
 from __future__ import annotations
 
+import io
+import logging
 from collections.abc import Iterator
 
 import pytest
@@ -18,3 +21,14 @@ def demo_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProc
     yield daemon
     code = daemon.stop()
     assert code == 0, f"daemon exited with {code} after SIGTERM\n{daemon.log_text()}"
+
+
+@pytest.fixture
+def log_stream() -> Iterator[io.StringIO]:
+    """A stream for ``setup_logging``; the root logger's handlers are put back afterwards."""
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    stream = io.StringIO()
+    yield stream
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-from collections.abc import Iterator
 
 import msgspec
 import pytest
@@ -24,16 +22,6 @@ from livelm.protocol.errors import (
     Unauthorized,
     UnknownSession,
 )
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
 
 
 def test_json_lines_carry_extra_fields_and_tracebacks(log_stream: io.StringIO) -> None:

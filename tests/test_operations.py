@@ -9,7 +9,6 @@ import logging
 import signal
 import time
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -43,17 +42,6 @@ def get_status(url: str) -> int:
 
 def demo_args(tmp_path: Path, log_format: str) -> list[str]:
     return ["--model", "demo", "--cache-dir", str(tmp_path), "--log-format", log_format]
-
-
-@pytest.fixture
-def log_stream() -> Iterator[io.StringIO]:
-    """A stream for ``setup_logging``; the root logger's handlers are put back afterwards."""
-    root = logging.getLogger()
-    saved = (list(root.handlers), root.level)
-    stream = io.StringIO()
-    yield stream
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
 
 
 class _Terminal(io.StringIO):
