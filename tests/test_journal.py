@@ -17,6 +17,7 @@ from livelm.protocol.errors import ConfigError
 from livelm.protocol.messages import FlashSpec, InitRequest
 from tests.daemon_process import start_daemon
 from tests.engine_harness import loaded, run_engine
+from tests.sse_client import SseStream
 
 TIMEOUT = 60
 
@@ -218,6 +219,16 @@ def test_sessions_come_back_after_the_daemon_is_killed(tmp_path: Path) -> None:
         assert flash[0]["query"] == "Up or down?"
         metrics = requests.get(f"{url}/metrics", timeout=TIMEOUT).text
         assert "livelm_journal_sessions_restored_total 1" in metrics
+        # a dashboard resuming from an event id of the daemon before the restart is told what
+        # it lost (event ids began again), then gets the new events
+        with SseStream(daemon.port, "/v1/sessions/desk/events",
+                       {"Last-Event-ID": "100000"}) as stream:
+            lost = stream.next_event()
+            assert lost is not None and lost.name == "events_lost", lost
+            assert lost.data["requested"] == 100001 and lost.data["first_available"] <= lost.id + 1
+            seq = _post(url, "/v1/sessions/desk/stream/push", {"data": ["tick 10"]})["seq"]
+            update = stream.events_until(lambda e: e.data.get("data_seq") == seq)[-1]
+            assert update.id > lost.id
 
 
 def test_a_failed_write_ends_the_journal_not_the_session(tmp_path: Path) -> None:

@@ -413,6 +413,7 @@ class Engine:
         new_session_id(saved.session_id, self.sessions.keys())  # a valid id, not taken
         await self._open_session(saved.session_id, saved.header.init, journaled=False)
         session = self.sessions[saved.session_id]
+        self._flash[saved.session_id].hub.restored = True
         if saved.first_kept > 1:  # seqs go on from where they were
             session.last_seq = session.dropped = saved.first_kept - 1
             await self._write_records(

@@ -61,6 +61,9 @@ class EventHub:
         self._subscribers: set[Subscription] = set()
         self.closed = False
         self.close_reason = ""  # why its subscriptions end: the session closed, or a shutdown
+        # restored from the journal after a restart: its ids began again at 1, so a reader
+        # resuming from an id of the daemon before is told what it lost, not refused
+        self.restored = False
 
     @property
     def last_id(self) -> int:
@@ -86,12 +89,17 @@ class EventHub:
             last_event_id = self._last_id
         if last_event_id < 0:
             raise InvalidRequest("last_event_id must be >= 0")
+        lost = None
         if last_event_id > self._last_id:
-            raise InvalidRequest(
-                f"last_event_id {last_event_id} is ahead of this session's newest event "
-                f"({self._last_id}); was the session re-created?"
-            )
-        subscription = Subscription(self, names, last_event_id)
+            if not self.restored:
+                raise InvalidRequest(
+                    f"last_event_id {last_event_id} is ahead of this session's newest event "
+                    f"({self._last_id}); was the session re-created?"
+                )
+            lost = EventsLost(session_id=self.session_id, requested=last_event_id + 1,
+                              first_available=self._last_id + 1)
+            last_event_id = self._last_id
+        subscription = Subscription(self, names, last_event_id, lost)
         if not self.closed:
             self._subscribers.add(subscription)
         return subscription
@@ -132,10 +140,13 @@ class Subscription:
     returned.
     """
 
-    def __init__(self, hub: EventHub, names: frozenset[str], cursor: int) -> None:
+    def __init__(
+        self, hub: EventHub, names: frozenset[str], cursor: int, lost: EventsLost | None = None
+    ) -> None:
         self._hub = hub
         self.names = names
         self.cursor = cursor  # id of the last event handed out (or skipped by the filter)
+        self._lost = lost  # told first: the events before a restart the reader asked for
         self._wakeup = asyncio.Event()
         self._closed = False
 
@@ -168,6 +179,9 @@ class Subscription:
         raise StopAsyncIteration
 
     def _next_matching(self) -> SessionEvent | None:
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            return SessionEvent(self.cursor, EVENTS_LOST, lost)
         while True:
             event = self._hub.next_after(self.cursor)
             if event is None:
