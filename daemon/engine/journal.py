@@ -9,9 +9,10 @@ file is deleted.
 A file is a sequence of frames, each a 4-byte little-endian length, the payload's CRC-32 and a
 MessagePack record. Every frame goes to the OS in one unbuffered write, so a killed process
 loses nothing it had acknowledged (a power loss may lose the last writes: the OS had not flushed
-them). A torn last frame is ignored when read back; damage anywhere else sets the file aside. Trims make a file grow past what a session retains; once the
-dropped entries outnumber the retained ones the file is rewritten with the retained ones only
-(written aside, then renamed over it).
+them). A torn last frame is ignored when read back; damage anywhere else sets the file aside.
+Trims make a file grow past what a session retains; once the dropped entries outnumber the
+retained ones the file is rewritten with the retained ones only (written aside, then renamed
+over it).
 """
 
 from __future__ import annotations
@@ -89,6 +90,22 @@ class Saved:
     def last_seq(self) -> int:
         return self.entries[-1][0] if self.entries else self.first_kept - 1
 
+    def add_flash(self, spec: FlashSpec) -> bool:
+        """False when it is kept already (registered again, on a reconnect)."""
+        if spec in self.flash:
+            return False
+        self.flash.append(spec)
+        return True
+
+    def trim(self, first_kept: int) -> int:
+        """Drops the entries before ``first_kept``; returns how many went."""
+        self.first_kept = max(self.first_kept, first_kept)
+        dropped = 0
+        while self.entries and self.entries[0][0] < self.first_kept:
+            self.entries.popleft()
+            dropped += 1
+        return dropped
+
 
 def frame(record: Record) -> bytes:
     payload = _encoder.encode(record)
@@ -130,19 +147,16 @@ def replay(records: list[Record]) -> Saved:
     saved = Saved(records[0])
     for record in records[1:]:
         if isinstance(record, Flash):
-            if record.spec not in saved.flash:
-                saved.flash.append(record.spec)
+            saved.add_flash(record.spec)
         elif isinstance(record, Push):
             if record.first_seq != saved.last_seq + 1:
                 raise JournalError(f"seq {record.first_seq} follows seq {saved.last_seq}")
             for i, raw in enumerate(record.tokens):
                 saved.entries.append((record.first_seq + i, _token_ids(raw, saved.header)))
         elif isinstance(record, Trim):
-            saved.first_kept = max(saved.first_kept, record.first_kept)
+            saved.trim(record.first_kept)
         else:
             raise JournalError("a second header")
-        while saved.entries and saved.entries[0][0] < saved.first_kept:
-            saved.entries.popleft()
     return saved
 
 
@@ -166,10 +180,8 @@ class SessionJournal:
         self.rewrite()
 
     def flash(self, spec: FlashSpec) -> None:
-        if spec in self.saved.flash:  # registered again (a reconnect): nothing new to keep
-            return
-        self.saved.flash.append(spec)
-        self._append(frame(Flash(spec)))
+        if self.saved.add_flash(spec):
+            self._append(frame(Flash(spec)))
 
     def push(self, first_seq: int, tokens: list[list[int]], first_kept: int | None) -> None:
         """A push's entries, then the trim it caused (which may drop some of them too)."""
@@ -178,10 +190,7 @@ class SessionJournal:
         self.saved.entries.extend((first_seq + i, a) for i, a in enumerate(ids))
         if first_kept is not None:
             out += frame(Trim(first_kept))
-            self.saved.first_kept = max(self.saved.first_kept, first_kept)
-            while self.saved.entries and self.saved.entries[0][0] < self.saved.first_kept:
-                self.saved.entries.popleft()
-                self.dropped_since_rewrite += 1
+            self.dropped_since_rewrite += self.saved.trim(first_kept)
         self._append(out)
         if self.dropped_since_rewrite > max(COMPACT_MIN_DROPPED, len(self.saved.entries)):
             self.rewrite()
