@@ -27,12 +27,7 @@ from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
-from livelm.daemon.kernels.triton_backend import (  # noqa: E402
-    norm_linear,
-    paged_decode,
-    pdl,
-    skinny_gemm,
-)
+from livelm.daemon.kernels.triton_backend import norm_linear, paged_decode, pdl  # noqa: E402
 
 RECORD_TOKENS = 51  # one OHLCV record of the stream bench (the demo tokenizer's count)
 
@@ -236,11 +231,7 @@ def main() -> int:
     p.add_argument("--norm-fused-rows", type=int, default=None,
                    help="rows up to which triton.norm_linear_fused fuses the norm into the GEMM "
                    "(default: its own limit)")
-    p.add_argument("--norm-onerow-dot", action="store_true",
-                   help="the fused norm's one-row GEMM on the tensor cores (default: CUDA cores)")
     args = p.parse_args()
-    if args.norm_onerow_dot:  # this process only: the fused norm's one row on tensor cores
-        skinny_gemm.norm_default_config = skinny_gemm.default_config
     if args.norm_fused_rows is not None:
         norm_linear.MAX_NORM_FUSED_ROWS = args.norm_fused_rows
     contexts = [int(c) for c in args.contexts.split(",") if c]
@@ -282,7 +273,6 @@ def main() -> int:
         data = replay_ms(graphs, record, record_shape, logits=False)
         data_logits = replay_ms(graphs, record, record_shape)  # as before the no-logits graphs
         row = {"context": ctx, "norm_fused_rows": norm_linear.MAX_NORM_FUSED_ROWS,
-               "norm_onerow_dot": args.norm_onerow_dot,
                "question_32_gpu_ms": question, "decode_gpu_ms": decode,
                f"data_{RECORD_TOKENS}_gpu_ms": data,
                f"data_{RECORD_TOKENS}_with_logits_gpu_ms": data_logits,

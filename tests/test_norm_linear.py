@@ -211,13 +211,3 @@ def test_gpu_fused_norm_on_llama_shapes() -> None:
         for m in (1, 4, 16):
             x, res, nw, w = _inputs(m, n, 4096, torch.bfloat16, seed=m)
             _check(sg.norm_linear(x, res, nw, w, EPS), x, res, nw, w)
-
-
-def test_one_row_takes_the_cuda_core_tiles_and_more_rows_the_tensor_cores() -> None:
-    one = sg.norm_default_config(1, 6144, 4096, num_sms=132)
-    assert (one.block_m, one.uses_dot) == (1, False)
-    assert one == sg.swiglu_default_config(1, 6144, 4096, num_sms=132)
-    for m in (2, 16):
-        assert sg.norm_default_config(m, 6144, 4096) == sg.default_config(m, 6144, 4096)
-    x, res, nw, w = _inputs(1, 96, 512, torch.float32, seed=5)  # the default one-row tiles
-    _check(sg.norm_linear(x, res, nw, w, EPS), x, res, nw, w)

@@ -162,18 +162,6 @@ def swiglu_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
                    num_stages=1)
 
 
-def norm_default_config(m: int, n: int, k: int, num_sms: int = H200_SMS,
-                        dtype_bytes: int = 2) -> SkinnyConfig:
-    """``default_config`` for ``norm_linear``, except that a single row takes the CUDA-core
-    tiles of ``swiglu_default_config``: its x tiles are computed (the sum and the norm's
-    weight), and on the tensor-core path a computed tile goes through shared memory before
-    every product, which made an earlier fused norm slower inside the step (perf/NOTES.md,
-    2026-12-03, seventh session)."""
-    if m > 1:
-        return default_config(m, n, k, num_sms, dtype_bytes)
-    return swiglu_default_config(m, n, k, num_sms, dtype_bytes)
-
-
 def _split_count(tiles: int, k: int, block_k: int, programs: int) -> int:
     """K splits, doubled while ``tiles`` x splits stays under ``programs`` and each split
     keeps whole BLOCK_K steps, at least four of them."""
@@ -601,7 +589,7 @@ def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: tor
     _check_norm_operands(x, residual, norm_weight)
     m, (n, k) = x.shape[0], weight.shape
     if config is None:
-        config = norm_default_config(m, n, k, sm_count(x.device), x.element_size())
+        config = default_config(m, n, k, sm_count(x.device), x.element_size())
     out = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if 0 in (m, n, k):  # nothing for the kernel to stream: the sum alone, by torch
         summed = x if residual is None else residual + x
