@@ -27,7 +27,7 @@ from livelm.daemon.engine.kv_cache import KVCache  # noqa: E402
 from livelm.daemon.engine.scheduler import Chunk  # noqa: E402
 from livelm.daemon.engine.sequence import Sequence  # noqa: E402
 from livelm.daemon.kernels.startup import bind_and_load  # noqa: E402
-from livelm.daemon.kernels.triton_backend import norm_linear, paged_decode, pdl  # noqa: E402
+from livelm.daemon.kernels.triton_backend import paged_decode, pdl  # noqa: E402
 
 RECORD_TOKENS = 51  # one OHLCV record of the stream bench (the demo tokenizer's count)
 
@@ -228,12 +228,7 @@ def main() -> int:
                    help="key splits of the one-sequence decode graph (default: its rule's)")
     p.add_argument("--no-pdl", action="store_true",
                    help="launch our Triton kernels without programmatic dependent launch")
-    p.add_argument("--norm-fused-rows", type=int, default=None,
-                   help="rows up to which triton.norm_linear_fused fuses the norm into the GEMM "
-                   "(default: its own limit)")
     args = p.parse_args()
-    if args.norm_fused_rows is not None:
-        norm_linear.MAX_NORM_FUSED_ROWS = args.norm_fused_rows
     contexts = [int(c) for c in args.contexts.split(",") if c]
     pdl.set_enabled(not args.no_pdl)
     if args.gemm_configs:
@@ -272,8 +267,7 @@ def main() -> int:
         record_shape = graphs.shape_for([record])
         data = replay_ms(graphs, record, record_shape, logits=False)
         data_logits = replay_ms(graphs, record, record_shape)  # as before the no-logits graphs
-        row = {"context": ctx, "norm_fused_rows": norm_linear.MAX_NORM_FUSED_ROWS,
-               "question_32_gpu_ms": question, "decode_gpu_ms": decode,
+        row = {"context": ctx, "question_32_gpu_ms": question, "decode_gpu_ms": decode,
                f"data_{RECORD_TOKENS}_gpu_ms": data,
                f"data_{RECORD_TOKENS}_with_logits_gpu_ms": data_logits,
                "pdl": pdl.enabled_on(config.torch_device()),

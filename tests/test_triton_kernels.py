@@ -395,8 +395,8 @@ def test_candidates_cover_each_operation_and_explain_refusals() -> None:
     gluon = [c for c in every if "_gluon" in c.name]
     found = {c.operation: c for c in every if c not in tma and c not in gluon}
     assert set(found) == {"prefill_attention", "decode_attention", "rms_norm", "add_rms_norm",
-                          "rope", "rope_store_kv", "swiglu", "linear", "norm_linear",
-                          "swiglu_linear", "copy_kv_blocks"}
+                          "rope", "rope_store_kv", "swiglu", "linear", "swiglu_linear",
+                          "copy_kv_blocks"}
     assert all(c.backend == "triton" and c.supports(_target()) is None for c in found.values())
     assert {c.operation for c in tma} == {"prefill_attention", "decode_attention"}
     assert [c.operation for c in gluon] == ["prefill_attention"] * 2

@@ -226,32 +226,6 @@ def _linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
     return cases
 
 
-def _norm_linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
-    """A layer's norm and the projection it feeds: rows on both sides of a fused kernel's
-    limit, the model's hidden size and an uneven one, the first layer's norm (no residual),
-    and a biased projection (Qwen2's QKV)."""
-    t, dt = target, target.dtype
-    cases = []
-    shapes = ((1, 96, t.hidden_size, True), (ROWS, 48, t.hidden_size, False), (3, 40, 200, True),
-              (33, 48, 72, True))
-    for rows, out_dim, in_dim, with_residual in shapes:
-        x = _randn(gen, t, rows, in_dim)
-        residual = _randn(gen, t, rows, in_dim) if with_residual else None
-        norm_w, w = _randn(gen, t, in_dim), _randn(gen, t, out_dim, in_dim) * in_dim**-0.5
-        expected = torch_ref.norm_linear(
-            x.float(), None if residual is None else residual.float(), norm_w.float(),
-            w.float(), None, 1e-5,
-        )
-        label = f"{rows}x{in_dim} by {out_dim}" + ("" if with_residual else ", no residual")
-        cases.append(Case(label, (x, residual, norm_w, w, None, 1e-5), _close_all(expected, dt)))
-    x, residual, norm_w = _randn(gen, t, 1, 64), _randn(gen, t, 1, 64), _randn(gen, t, 64)
-    w, bias = _randn(gen, t, 40, 64) / 8, _randn(gen, t, 40)
-    expected = torch_ref.norm_linear(x.float(), residual.float(), norm_w.float(), w.float(),
-                                     bias.float(), 1e-5)
-    cases.append(Case("with a bias", (x, residual, norm_w, w, bias, 1e-5), _close_all(expected, dt)))
-    return cases
-
-
 def _swiglu_linear_cases(target: Target, gen: torch.Generator) -> list[Case]:
     """The down projection's activation and GEMM: rows on both sides of a fused kernel's limit,
     the model's intermediate (as K) and hidden (as N) sizes, and an odd K."""
@@ -511,7 +485,6 @@ _BUILDERS: dict[str, Callable[[Target, torch.Generator], list[Case]]] = {
     "rope_store_kv": _rope_store_kv_cases,
     "swiglu": _swiglu_cases,
     "linear": _linear_cases,
-    "norm_linear": _norm_linear_cases,
     "swiglu_linear": _swiglu_linear_cases,
     "sample": _sample_cases,
     "copy_kv_blocks": _copy_kv_blocks_cases,

@@ -20,7 +20,6 @@ OPERATIONS = (
     "rope_store_kv",
     "swiglu",
     "linear",
-    "norm_linear",
     "swiglu_linear",
     "prefill_attention",
     "decode_attention",
@@ -83,22 +82,6 @@ class Linear(Protocol):
     ) -> torch.Tensor: ...
 
 
-class NormLinear(Protocol):
-    """(linear(rms_norm(x + residual, norm_weight), weight, bias), x + residual) for x and
-    residual [N, K]; without a residual, the norm of x and x itself: a layer's norm and the
-    projection it feeds, so that a kernel may fuse the two."""
-
-    def __call__(
-        self,
-        x: torch.Tensor,
-        residual: torch.Tensor | None,
-        norm_weight: torch.Tensor,
-        weight: torch.Tensor,
-        bias: torch.Tensor | None,
-        eps: float,
-    ) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-
 class SwiGluLinear(Protocol):
     """linear(swiglu(gate_up), weight) for gate_up [N, 2I] and weight [H, I], no bias: the MLP's
     down projection with its activation, so that a kernel may fuse the two."""
@@ -154,7 +137,6 @@ class Kernels:
     rope_store_kv: RopeStoreKV
     swiglu: SwiGlu
     linear: Linear
-    norm_linear: NormLinear
     swiglu_linear: SwiGluLinear
     prefill_attention: PagedAttention
     decode_attention: PagedAttention

@@ -82,7 +82,6 @@ def _reference_candidates() -> list[Candidate]:
         ref("rope_store_kv", torch_ref.rope_store_kv, "rope_store_kv", True),
         ref("swiglu", torch_ref.swiglu, "swiglu", True),
         ref("linear", F.linear, "linear", True),
-        ref("norm_linear", torch_ref.norm_linear, "norm_linear", True),
         ref("swiglu_linear", torch_ref.swiglu_linear, "swiglu_linear", True),
         ref("prefill_attention", torch_ref.paged_attention, "paged_attention", False),
         ref("decode_attention", torch_ref.paged_attention, "paged_attention", False),

@@ -65,21 +65,6 @@ def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def norm_linear(
-    x: torch.Tensor,
-    residual: torch.Tensor | None,
-    norm_weight: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    eps: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    if residual is None:
-        normed, summed = rms_norm(x, norm_weight, eps), x
-    else:
-        normed, summed = add_rms_norm(x, residual, norm_weight, eps)
-    return F.linear(normed, weight, bias), summed
-
-
 def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return F.linear(swiglu(gate_up), weight)
 
@@ -173,7 +158,6 @@ REFERENCE = Kernels(
     rope_store_kv=rope_store_kv,
     swiglu=swiglu,
     linear=F.linear,
-    norm_linear=norm_linear,
     swiglu_linear=swiglu_linear,
     prefill_attention=paged_attention,
     decode_attention=paged_attention,

@@ -94,10 +94,6 @@ def _workload(op: str, t: Target, ffn_size: int | None) -> tuple[Any, ...]:
         return (randn(TOKENS, 2 * ffn),)
     if op == "linear":  # the o projection of a 32-token question: bound by reading the weight
         return randn(QUESTION_ROWS, t.num_heads * t.head_dim), randn(t.hidden_size, t.num_heads * t.head_dim)
-    if op == "norm_linear":  # a decode step's input norm and QKV projection
-        hidden, qkv = t.hidden_size, (t.num_heads + 2 * t.num_kv_heads) * t.head_dim
-        return (randn(1, hidden), randn(1, hidden), randn(hidden), randn(qkv, hidden), None,
-                1e-5)
     if op == "swiglu_linear":  # the down projection of a 32-token question, likewise
         return randn(QUESTION_ROWS, 2 * ffn), randn(t.hidden_size, ffn)
     if op == "sample":

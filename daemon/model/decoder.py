@@ -162,30 +162,28 @@ class LlamaDecoder(nn.Module):
         """Runs the flattened batch; returns final-normed hidden states [N, hidden]."""
         k, c = self.kernels, self.config
         h = F.embedding(input_ids, self.embed)
-        residual = None  # the first layer's input norm has no residual to add
+        residual = h
+        x = k.rms_norm(h, self.layers[0].input_norm, c.rms_norm_eps)
         for i, layer in enumerate(self.layers):
-            qkv, residual = k.norm_linear(
-                h, residual, layer.input_norm, layer.qkv_weight, layer.qkv_bias, c.rms_norm_eps
-            )
-            h = self._attention(layer, qkv, positions, meta, kv_cache[i])
-            gate_up, residual = k.norm_linear(
-                h, residual, layer.post_norm, layer.gate_up_weight, None, c.rms_norm_eps
-            )
-            h = k.swiglu_linear(gate_up, layer.down_weight)
+            if i > 0:
+                x, residual = k.add_rms_norm(h, residual, layer.input_norm, c.rms_norm_eps)
+            h = self._attention(layer, x, positions, meta, kv_cache[i])
+            x, residual = k.add_rms_norm(h, residual, layer.post_norm, c.rms_norm_eps)
+            h = k.swiglu_linear(k.linear(x, layer.gate_up_weight), layer.down_weight)
         out, _ = k.add_rms_norm(h, residual, self.norm, c.rms_norm_eps)
         return out
 
     def _attention(
         self,
         layer: DecoderLayer,
-        qkv: torch.Tensor,
+        x: torch.Tensor,
         positions: torch.Tensor,
         meta: AttentionMeta,
         cache: tuple[torch.Tensor, torch.Tensor],
     ) -> torch.Tensor:
         c, k = self.config, self.kernels
-        n = qkv.shape[0]
-        q, key, value = qkv.split(self._split, dim=-1)
+        n = x.shape[0]
+        q, key, value = k.linear(x, layer.qkv_weight, layer.qkv_bias).split(self._split, dim=-1)
         q = q.view(n, c.num_heads, c.head_dim)
         key = key.view(n, c.num_kv_heads, c.head_dim)
         if layer.q_norm is not None:

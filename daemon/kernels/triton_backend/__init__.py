@@ -1,6 +1,6 @@
 """Triton kernels of our own: paged prefill and split-K decode attention, norms, RoPE, SwiGLU,
-the skinny GEMM for the projections (SwiGLU fused into the down projection's, and the RMS
-norm into those it feeds), and KV block copies.
+the skinny GEMM for the projections (SwiGLU fused into the down projection's), and KV block
+copies.
 
 Importing this package never fails; ``candidates()`` raises BackendUnavailable when triton is
 missing. The kernels run on CUDA (compute capability 8.0+), or on CPU tensors under
@@ -131,7 +131,6 @@ def candidates() -> list[Candidate]:
     try:
         from livelm.daemon.kernels.triton_backend import (
             block_copy,
-            norm_linear,
             norms,
             paged_decode,
             paged_prefill,
@@ -183,10 +182,6 @@ def candidates() -> list[Candidate]:
         # up to 64 rows through the skinny GEMM; the split merge's counters are allocated on
         # the first (eager) call and left zeroed by every call, so graphs may capture it
         make("linear", "skinny_linear", skinny_gemm.linear),
-        # a layer's norm then its projection: the norm inside the skinny GEMM's x tiles for
-        # decode batches (up to 16 rows; the norm kernel then linear beyond), or always apart
-        make("norm_linear", "norm_linear_fused", norm_linear.fused_norm_linear, _norm_reason),
-        make("norm_linear", "norm_linear", norm_linear.norm_then_linear, _norm_reason),
         # the down projection with SwiGLU fused into the skinny GEMM's x tiles (up to 16 rows;
         # the swiglu kernel then linear's kernel beyond), graph-safe as linear is
         make("swiglu_linear", "swiglu_linear", skinny_gemm.swiglu_linear_op),

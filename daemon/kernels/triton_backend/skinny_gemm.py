@@ -77,8 +77,6 @@ MAX_GRID_YZ = 65535  # CUDA's limit on grid dimensions 1 and 2
 _STORE, _ATOMIC, _SEMAPHORE = 0, 1, 2  # the kernel's COMBINE: how a program ends its tile
 _COMBINE_CODES = {"atomic": _ATOMIC, "semaphore": _SEMAPHORE}
 _C_STORE, _C_ATOMIC = tl.constexpr(_STORE), tl.constexpr(_ATOMIC)  # as the kernel sees them
-NO_NORM, NORM, NORM_ADD = 0, 1, 2  # the kernel's NORM: an RMS norm of x (+ a residual) first
-_C_NO_NORM, _C_NORM_ADD = tl.constexpr(NO_NORM), tl.constexpr(NORM_ADD)
 
 
 def _is_pow2(v: int) -> bool:
@@ -207,129 +205,68 @@ def _silu_mul(gate, up):
 
 
 @triton.jit
-def _load_vec(ptrs, k_ok, EVEN_K: tl.constexpr):
-    """A K-long vector every program reads (the norm's weight): kept in L2 (evict-last)."""
-    if EVEN_K:
-        v = tl.load(ptrs, eviction_policy="evict_last")
-    else:
-        v = tl.load(ptrs, mask=k_ok, other=0.0, eviction_policy="evict_last")
-    return v
-
-
-@triton.jit
-def _load_act(ptrs, res_ptrs, nw_ptrs, rows_ok, k_ok, K, EVEN_K: tl.constexpr,
-              SWIGLU: tl.constexpr, NORM: tl.constexpr):
-    """An x tile, and what its norm sums over: loaded as is; or (SWIGLU) silu(gate) * up with
-    up K columns after gate; or (NORM) the norm's weight times x (plus the residual, with
-    NORM_ADD), the row's rsqrt scale being applied to the product at the end. The second value
-    is the summed input (x + residual rounded to its dtype, or x). Masked elements load as
-    zero, and every form keeps them zero."""
+def _load_act(ptrs, rows_ok, k_ok, K, EVEN_K: tl.constexpr, SWIGLU: tl.constexpr):
+    """An x tile: loaded as is, or (SWIGLU) silu(gate) * up with up K columns after gate.
+    Masked elements load as zero in both halves, and silu(0) * 0 keeps them zero."""
     x = _load_x(ptrs, rows_ok, k_ok, EVEN_K)
     if SWIGLU:
         x = _silu_mul(x, _load_x(ptrs + K, rows_ok, k_ok, EVEN_K))
-    summed = x
-    if NORM == _C_NORM_ADD:
-        r = _load_x(res_ptrs, rows_ok, k_ok, EVEN_K)
-        summed = (r.to(tl.float32) + x.to(tl.float32)).to(x.dtype)
-    if NORM != _C_NO_NORM:
-        nw = _load_vec(nw_ptrs, k_ok, EVEN_K)
-        x = (nw.to(tl.float32) * summed.to(tl.float32)).to(x.dtype)
-    return x, summed
+    return x
 
 
 @triton.jit
-def _keep_summed(summed, sum_ptrs, mask, NORM: tl.constexpr):
-    """The summed input's squares (a norm's statistic), and the sum written once (by the
-    first N tile's programs, each for its own K range) for the next residual add."""
-    s = summed.to(tl.float32)
-    if NORM == _C_NORM_ADD:
-        if tl.program_id(0) == 0:
-            tl.store(sum_ptrs, summed, mask=mask)
-    return s * s
-
-
-@triton.jit
-def _dot_rows(acc, sq, w, x_ptrs, res_ptrs, nw_ptrs, sum_ptrs, m_ok, k_ok, K,
-              EVEN_K: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
-              SWIGLU: tl.constexpr, NORM: tl.constexpr):
-    """acc += w @ x^T on the tensor cores; UPCAST works around the interpreter's bf16 dot.
-    With NORM, sq gathers each row's sum of squares."""
-    rows_ok, cols_ok = m_ok[:, None], k_ok[None, :]
-    x, summed = _load_act(x_ptrs, res_ptrs, nw_ptrs, rows_ok, cols_ok, K, EVEN_K, SWIGLU, NORM)
-    if NORM != _C_NO_NORM:
-        sq += tl.sum(_keep_summed(summed, sum_ptrs, rows_ok & cols_ok, NORM), axis=1)
+def _dot_rows(acc, w, x_ptrs, m_ok, k_ok, K, EVEN_K: tl.constexpr, UPCAST: tl.constexpr,
+              PRECISION: tl.constexpr, SWIGLU: tl.constexpr):
+    """acc += w @ x^T on the tensor cores; UPCAST works around the interpreter's bf16 dot."""
+    x = _load_act(x_ptrs, m_ok[:, None], k_ok[None, :], K, EVEN_K, SWIGLU)
     if UPCAST:
         acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.float32)), acc, input_precision="ieee")
     else:
         acc = tl.dot(w, tl.trans(x), acc, input_precision=PRECISION)
-    return acc, sq
+    return acc
 
 
 @triton.jit
-def _fma_rows(acc, sq, w, x_cols, res_cols, nw_cols, sum_cols, m0, M, K, stride_xm, stride_rm,
-              cols, k_ok, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr,
-              NORM: tl.constexpr):
+def _fma_rows(acc, w, x_cols, m0, M, K, stride_xm, cols, k_ok, EVEN_K: tl.constexpr,
+              BLOCK_M: tl.constexpr, SWIGLU: tl.constexpr):
     """acc[:, i] += w @ x[m0 + i] on the CUDA cores, one activation row at a time."""
     wf = w.to(tl.float32)
     rows = tl.arange(0, BLOCK_M)
     for i in tl.static_range(BLOCK_M):
-        m = (m0 + i).to(tl.int64)
+        row_ptrs = x_cols + (m0 + i).to(tl.int64) * stride_xm
         row_ok = cols * 0 + (m0 + i) < M  # a vector, not a scalar: the interpreter needs it
-        row, summed = _load_act(x_cols + m * stride_xm, res_cols + m * stride_rm, nw_cols,
-                                row_ok, k_ok, K, EVEN_K, SWIGLU, NORM)
-        if NORM != _C_NO_NORM:
-            squares = _keep_summed(summed, sum_cols + m * K, row_ok & k_ok, NORM)
-            sq += tl.where(rows == i, tl.sum(squares, axis=0), 0.0)
-        part = tl.sum(wf * row.to(tl.float32)[None, :], axis=1)
+        row = _load_act(row_ptrs, row_ok, k_ok, K, EVEN_K, SWIGLU).to(tl.float32)
+        part = tl.sum(wf * row[None, :], axis=1)
         acc += tl.where(rows[None, :] == i, part[:, None], 0.0)
-    return acc, sq
+    return acc
 
 
 @triton.jit
-def _row_scale(sq, K, eps):
-    """The RMS norm's per-row scale from the rows' sums of squares over all K columns."""
-    return tl.rsqrt(sq / K + eps)
-
-
-@triton.jit
-def _semaphore_combine(acc, sq, out_ptr, ws_ptr, sq_ptr, lock_ptr, offs, mask, offs_m, m_ok,
-                       M, N, K, eps, NORM: tl.constexpr):
-    """Write this split's partial (and with NORM its rows' sums of squares); the last split of
-    the tile to arrive sums them all, in split order."""
+def _semaphore_combine(acc, out_ptr, ws_ptr, lock_ptr, offs, mask, M, N):
+    """Write this split's partial; the last split of the tile to arrive sums them all."""
     splits = tl.num_programs(1)
     plane = M.to(tl.int64) * N
     tl.store(ws_ptr + tl.program_id(1) * plane + offs, acc, mask=mask)
-    # the squares: a [splits, N tiles, M] workspace, so each tile sums its own splits' slots
-    sq_offs = (tl.program_id(0) * M + offs_m).to(tl.int64)
-    sq_plane = tl.num_programs(0) * M.to(tl.int64)
-    if NORM != _C_NO_NORM:
-        tl.store(sq_ptr + tl.program_id(1) * sq_plane + sq_offs, sq, mask=m_ok)
     tl.debug_barrier()  # every thread's partial is written before the ticket releases it
     lock = lock_ptr + tl.program_id(2) * tl.num_programs(0) + tl.program_id(0)
     ticket = tl.atomic_add(lock, 1, sem="acq_rel")
     if ticket == splits - 1:
         total = tl.zeros_like(acc)
-        total_sq = tl.zeros_like(sq)
         for s in range(0, splits):  # split order: the same sum whichever program is last
             total += tl.load(ws_ptr + s * plane + offs, mask=mask, other=0.0,
                              cache_modifier=".cg")
-            if NORM != _C_NO_NORM:
-                total_sq += tl.load(sq_ptr + s * sq_plane + sq_offs, mask=m_ok, other=0.0,
-                                    cache_modifier=".cg")
-        if NORM != _C_NO_NORM:
-            total = total * _row_scale(total_sq, K, eps)[None, :]
         tl.store(out_ptr + offs, total.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(lock, 0)  # leave the counter zeroed for the next call
 
 
 @triton.jit(do_not_specialize=["M"])
 def _skinny_kernel(
-    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr, res_ptr, nw_ptr, sum_ptr, sq_ptr,
-    M, N, K, stride_xm, stride_rm, stride_wn, k_per_split, eps,
+    x_ptr, w_ptr, out_ptr, ws_ptr, lock_ptr,
+    M, N, K, stride_xm, stride_wn, k_per_split,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     COMBINE: tl.constexpr, USE_DOT: tl.constexpr, EVEN_K: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SWIGLU: tl.constexpr, NORM: tl.constexpr,
-    USE_PDL: tl.constexpr, STAGES: tl.constexpr,
+    UPCAST: tl.constexpr, PRECISION: tl.constexpr, SWIGLU: tl.constexpr, USE_PDL: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     wait_for_producer(USE_PDL)
     m0 = tl.program_id(2) * BLOCK_M
@@ -341,45 +278,30 @@ def _skinny_kernel(
     cols = tl.arange(0, BLOCK_K)
     offs_k = k_lo + cols
     w_ptrs = w_ptr + (offs_n % N).to(tl.int64)[:, None] * stride_wn + offs_k[None, :]
-    rows64 = offs_m.to(tl.int64)[:, None]
-    x_ptrs = x_ptr + rows64 * stride_xm + offs_k[None, :]
-    # the norm's operands (NORM only): the residual, the norm's weight, the summed output
-    res_ptrs = res_ptr + rows64 * stride_rm + offs_k[None, :]
-    nw_cols = nw_ptr + offs_k
-    sum_ptrs = sum_ptr + rows64 * K + offs_k[None, :]
-    x_cols, res_cols, sum_cols = x_ptr + offs_k, res_ptr + offs_k, sum_ptr + offs_k
+    x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    x_cols = x_ptr + offs_k
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    sq = tl.zeros([BLOCK_M], dtype=tl.float32)  # NORM: each row's sum of squares
     # the loop's own stage count: the same as the launch's for the dot path; the CUDA-core
     # path's loads feed no dot, and only a loop-level count has triton pipeline them at all
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
         k_ok = k0 + cols < k_hi
         w = _load_w(w_ptrs, k_ok[None, :], EVEN_K)
         if USE_DOT:
-            acc, sq = _dot_rows(acc, sq, w, x_ptrs, res_ptrs, nw_cols[None, :], sum_ptrs, m_ok,
-                                k_ok, K, EVEN_K, UPCAST, PRECISION, SWIGLU, NORM)
+            acc = _dot_rows(acc, w, x_ptrs, m_ok, k_ok, K, EVEN_K, UPCAST, PRECISION, SWIGLU)
         else:
-            acc, sq = _fma_rows(acc, sq, w, x_cols, res_cols, nw_cols, sum_cols, m0, M, K,
-                                stride_xm, stride_rm, cols, k_ok, EVEN_K, BLOCK_M, SWIGLU, NORM)
+            acc = _fma_rows(acc, w, x_cols, m0, M, K, stride_xm, cols, k_ok, EVEN_K, BLOCK_M,
+                            SWIGLU)
         w_ptrs += BLOCK_K
         x_ptrs += BLOCK_K
-        res_ptrs += BLOCK_K
-        nw_cols += BLOCK_K
-        sum_ptrs += BLOCK_K
         x_cols += BLOCK_K
-        res_cols += BLOCK_K
-        sum_cols += BLOCK_K
     offs = offs_m.to(tl.int64)[None, :] * N + offs_n[:, None]
     mask = (offs_n < N)[:, None] & m_ok[None, :]
     if COMBINE == _C_STORE:
-        if NORM != _C_NO_NORM:
-            acc = acc * _row_scale(sq, K, eps)[None, :]
         tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     elif COMBINE == _C_ATOMIC:
         tl.atomic_add(ws_ptr + offs, acc, mask=mask, sem="relaxed")
     else:
-        _semaphore_combine(acc, sq, out_ptr, ws_ptr, sq_ptr, lock_ptr, offs, mask, offs_m, m_ok,
-                           M, N, K, eps, NORM)
+        _semaphore_combine(acc, out_ptr, ws_ptr, lock_ptr, offs, mask, M, N)
 
 
 # ---- host side ---------------------------------------------------------------------------------
@@ -460,21 +382,8 @@ class _Plan(NamedTuple):
     meta: dict[str, object]  # the kernel's constexprs, num_warps and num_stages
 
 
-class _Norm(NamedTuple):
-    """An RMS norm applied to x (plus ``residual``) as its tiles load, for ``norm_linear``."""
-
-    residual: torch.Tensor | None
-    weight: torch.Tensor
-    summed: torch.Tensor | None  # where x + residual is written, when there is a residual
-    eps: float
-
-    @property
-    def code(self) -> int:
-        return NORM if self.residual is None else NORM_ADD
-
-
 def _plan(m: int, n: int, k: int, dtype: torch.dtype, config: SkinnyConfig,
-          swiglu: bool = False, norm: int = NO_NORM) -> _Plan:
+          swiglu: bool = False) -> _Plan:
     k_per_split = triton.cdiv(triton.cdiv(k, config.split_k), config.block_k) * config.block_k
     grid = (triton.cdiv(n, config.block_n), triton.cdiv(k, k_per_split),
             triton.cdiv(m, config.block_m))
@@ -482,53 +391,36 @@ def _plan(m: int, n: int, k: int, dtype: torch.dtype, config: SkinnyConfig,
         raise ValueError(f"M={m} needs {grid[2]} row tiles of block_m={config.block_m}, more "
                          f"than the grid allows ({MAX_GRID_YZ})")
     combine = _COMBINE_CODES[config.combine] if grid[1] > 1 else _STORE
-    if norm != NO_NORM and combine == _ATOMIC:
-        raise ValueError("a norm fused into the GEMM needs the semaphore combine (each tile "
-                         f"scales its full sum by its rows' norm), got {config}")
     meta = dict(
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         COMBINE=combine, USE_DOT=config.uses_dot, EVEN_K=k % k_per_split == 0,
         # fp32 uses exact products (not tf32), to match an fp32 reference
         UPCAST=is_interpreted() and dtype == torch.bfloat16,
         PRECISION="ieee" if dtype == torch.float32 else "tf32",
-        SWIGLU=swiglu, NORM=norm, STAGES=config.num_stages,
+        SWIGLU=swiglu, STAGES=config.num_stages,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     return _Plan(grid, k_per_split, combine, meta)
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor, config: SkinnyConfig,
-            swiglu: bool, norm: _Norm | None = None) -> None:
+            swiglu: bool) -> None:
     m, (n, k) = x.shape[0], weight.shape
-    plan = _plan(m, n, k, x.dtype, config, swiglu, NO_NORM if norm is None else norm.code)
-    ws, locks, squares = out, out, out  # placeholders where unused
+    plan = _plan(m, n, k, x.dtype, config, swiglu)
+    ws, locks = out, out  # placeholders where unused
     if plan.combine == _ATOMIC:  # accumulate into zeroed fp32, then cast
         ws = out.zero_() if out.dtype == torch.float32 else torch.zeros(
             (m, n), device=out.device, dtype=torch.float32)
     elif plan.combine == _SEMAPHORE:  # a slot per split, and the tile counters
         ws = torch.empty(plan.grid[1] * m * n, device=out.device, dtype=torch.float32)
         locks = _counters(out.device, plan.grid[0] * plan.grid[2])
-        if norm is not None:  # each split's sums of squares, per N tile
-            squares = torch.empty(plan.grid[1] * plan.grid[0] * m, device=out.device,
-                                  dtype=torch.float32)
-    residual, norm_weight, summed, eps = _norm_operands(x, norm)
     _skinny_kernel[plan.grid](
-        x, weight, out, ws, locks, residual, norm_weight, summed, squares,
-        m, n, k, x.stride(0), residual.stride(0), weight.stride(0), plan.k_per_split, eps,
-        **plan.meta, **pdl.launch_args(x.device),
+        x, weight, out, ws, locks,
+        m, n, k, x.stride(0), weight.stride(0), plan.k_per_split, **plan.meta,
+        **pdl.launch_args(x.device),
     )
     if ws is not out and plan.combine == _ATOMIC:
         out.copy_(ws)
-
-
-def _norm_operands(x: torch.Tensor, norm: _Norm | None) -> tuple[torch.Tensor, torch.Tensor,
-                                                                  torch.Tensor, float]:
-    """The kernel's residual, norm weight, summed output and eps: x itself where unused."""
-    if norm is None:
-        return x, x, x, 0.0
-    if norm.residual is None:
-        return x, norm.weight, x, norm.eps
-    return norm.residual, norm.weight, norm.summed, norm.eps
 
 
 def precompile(m: int, n: int, k: int, dtype: torch.dtype,
@@ -548,9 +440,9 @@ def precompile(m: int, n: int, k: int, dtype: torch.dtype,
     ws = torch.float32 if plan.combine != _STORE else dtype
     locks = torch.int32 if plan.combine == _SEMAPHORE else dtype
     stride_xm = 2 * k if swiglu else k
-    _skinny_kernel.warmup(dtype, dtype, dtype, ws, locks, dtype, dtype, dtype, dtype,
-                          m, n, k, stride_xm, stride_xm, k, plan.k_per_split, 0.0,
-                          grid=plan.grid, **plan.meta, **pdl.launch_args(torch.device("cuda")))
+    _skinny_kernel.warmup(dtype, dtype, dtype, ws, locks, m, n, k, stride_xm, k,
+                          plan.k_per_split, grid=plan.grid, **plan.meta,
+                          **pdl.launch_args(torch.device("cuda")))
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor,
@@ -570,55 +462,6 @@ def swiglu_linear(gate_up: torch.Tensor, weight: torch.Tensor,
     weight)`` in one launch. Returns a new [M, N] tensor in gate_up's dtype."""
     _check_gate_up(gate_up, weight)
     return _gemm(gate_up, weight, config, swiglu=True)
-
-
-def norm_linear(x: torch.Tensor, residual: torch.Tensor | None, norm_weight: torch.Tensor,
-                weight: torch.Tensor, eps: float,
-                config: SkinnyConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``linear(rms_norm(x + residual, norm_weight), weight)`` and ``x + residual`` (x itself
-    when ``residual`` is None), for x [M, K], residual [M, K], norm_weight [K] and weight
-    [N, K], in one launch.
-
-    Each x tile is formed as it loads (the sum rounded to the dtype, as the reference rounds
-    it, times the norm's weight), and each output row is scaled by its rsqrt(mean square + eps)
-    at the end, the squares summed from the same tiles, so no pass over the row comes first.
-    So the rounding differs from the separate norm then GEMM: the scale multiplies the fp32
-    product instead of the rounded input (as close to the fp32 reference, not bitwise the
-    unfused result). The first N tile's programs write the sum, each for its K range."""
-    _check_inputs(x, weight)
-    _check_norm_operands(x, residual, norm_weight)
-    m, (n, k) = x.shape[0], weight.shape
-    if config is None:
-        config = default_config(m, n, k, sm_count(x.device), x.element_size())
-    out = torch.empty((m, n), device=x.device, dtype=x.dtype)
-    if 0 in (m, n, k):  # nothing for the kernel to stream: the sum alone, by torch
-        summed = x if residual is None else residual + x
-        return (out.zero_() if m and n else out), summed
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    if residual is not None and residual.stride(1) != 1:
-        residual = residual.contiguous()
-    summed = None if residual is None else torch.empty((m, k), device=x.device, dtype=x.dtype)
-    _launch(x, weight, out, config, False,
-            _Norm(residual, norm_weight.contiguous(), summed, float(eps)))
-    return out, x if summed is None else summed
-
-
-def _check_norm_operands(x: torch.Tensor, residual: torch.Tensor | None,
-                         norm_weight: torch.Tensor) -> None:
-    k = x.shape[1]
-    if norm_weight.shape != (k,):
-        raise ValueError(f"norm_weight must be [K] = [{k}], got {tuple(norm_weight.shape)}")
-    operands = [("norm_weight", norm_weight)]
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have x's shape {tuple(x.shape)}, got "
-                             f"{tuple(residual.shape)}")
-        operands.append(("residual", residual))
-    for name, t in operands:
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name} must match x ({x.dtype} on {x.device}), got {t.dtype} "
-                             f"on {t.device}")
 
 
 def _gemm(x: torch.Tensor, weight: torch.Tensor, config: SkinnyConfig | None,
