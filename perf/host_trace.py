@@ -113,9 +113,9 @@ class Trace:
         StepGraphs._replay = timed  # type: ignore[method-assign]
 
 
-async def one_question(bench: Bench, sid: str, trace: Trace) -> dict[str, float]:
+async def one_question(bench: Bench, sid: str, trace: Trace, max_tokens: int) -> dict[str, float]:
     start = trace.start()
-    handle = bench.engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=1))
+    handle = bench.engine.generate(sid, GenerateRequest(prompt=QUESTION, max_tokens=max_tokens))
     first = None
     async for _ in handle:
         first = time.perf_counter() if first is None else first
@@ -172,8 +172,11 @@ async def run(model: Any, config: Config, args: argparse.Namespace, trace: Trace
             for interval in (0.005, 0.0002):
                 sys.setswitchinterval(interval)
                 for _ in range(3):
-                    await one_question(bench, sid, trace)
-                samples = [await one_question(bench, sid, trace) for _ in range(args.questions)]
+                    await one_question(bench, sid, trace, args.max_tokens)
+                samples = [
+                    await one_question(bench, sid, trace, args.max_tokens)
+                    for _ in range(args.questions)
+                ]
                 keys = sorted(
                     {k for s in samples for k in s},
                     key=lambda k: statistics.median([s.get(k, 0.0) for s in samples]),
@@ -201,6 +204,9 @@ def main() -> int:
         "--contexts", type=lambda s: [int(x) for x in s.split(",")], default=[3000, 19000]
     )
     p.add_argument("--questions", type=int, default=30)
+    p.add_argument("--max-tokens", type=int, default=1,
+                   help="tokens per answer (the first token is timed; more than 2 puts decode "
+                   "steps in flight while it is reported)")
     p.add_argument("--kernel-policy", default=str(Path(__file__).with_name("bench_policy.yaml")))
     p.add_argument("--device", default="cuda",
                    help="cpu: the host stages with a small model's eager steps (no graphs)")

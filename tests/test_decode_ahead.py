@@ -20,6 +20,18 @@ def demo(tmp_path_factory: pytest.TempPathFactory):
     return loaded(ensure_demo_model(cache), cache)
 
 
+def _ahead(scenario):
+    """``scenario`` with the worker running ahead even on the CPU, where the engine steps singly
+    (a launch there computes the step); the run-ahead logic itself does not depend on the
+    device."""
+
+    async def forced(engine: Engine):
+        engine.worker.run_ahead = True
+        return await scenario(engine)
+
+    return forced
+
+
 def _requests(stop: str) -> list[GenerateRequest]:
     return [
         GenerateRequest(prompt="Next:", max_tokens=1),
@@ -57,7 +69,7 @@ def _stop_string(demo) -> str:
 
 def test_decoding_ahead_answers_as_stepping_singly(demo) -> None:
     stop = _stop_string(demo)
-    ahead, launched_ahead = run_engine(demo, lambda e: _answers(e, stop), decode_run_ahead=True)
+    ahead, launched_ahead = run_engine(demo, _ahead(lambda e: _answers(e, stop)))
     single, launched_single = run_engine(demo, lambda e: _answers(e, stop), decode_run_ahead=False)
     assert launched_ahead > 0 and launched_single == 0
     assert ahead == single
@@ -75,7 +87,49 @@ def test_the_second_token_is_launched_from_the_question_step(demo) -> None:
         done = await engine.generate(sid, GenerateRequest(prompt="Next:", max_tokens=2)).result()
         return done.tokens, engine.worker.steps_ahead
 
-    ahead, launched = run_engine(demo, two_tokens, decode_run_ahead=True)
+    ahead, launched = run_engine(demo, _ahead(two_tokens))
     single, _ = run_engine(demo, two_tokens, decode_run_ahead=False)
     assert launched == 1 and len(ahead) == 2
     assert ahead == single
+
+
+def test_the_cpu_steps_singly_even_with_run_ahead_on(demo) -> None:
+    """On the CPU a launch computes the step, so running ahead would report each token only
+    after the next step: the engine leaves it to CUDA devices, whatever the setting."""
+
+    async def setting(engine: Engine) -> bool:
+        return engine.worker.run_ahead
+
+    assert run_engine(demo, setting, decode_run_ahead=True) is False
+
+
+def test_the_loop_signals_a_report_delivered_after_its_readers_ran(demo) -> None:
+    """The worker, with a step in flight, waits for this signal before its next launch: it
+    must come once the handles' readers have run, not before."""
+    import threading
+
+    from livelm.daemon.engine.worker import QueryUpdate, StepReport
+    from livelm.protocol.messages import TokenEvent
+
+    async def scenario(engine: Engine) -> tuple[bool, bool, bool]:
+        sid = (await engine.init_session(InitRequest(prompt="Prices:", template="raw"))).session_id
+        handle = engine.generate(sid, GenerateRequest(prompt="Next:", max_tokens=3))
+        delivered = threading.Event()
+        signalled_when_read: list[bool] = []
+
+        async def reader() -> None:
+            async for _ in handle:
+                signalled_when_read.append(delivered.is_set())
+                return
+
+        task = asyncio.ensure_future(reader())
+        await asyncio.sleep(0)  # the reader waits on the handle
+        update = QueryUpdate(tokens=[TokenEvent(text="x", token=1)])
+        engine._apply_report(StepReport({handle.query_id: update}, [], False, delivered))
+        at_once = delivered.is_set()
+        await task
+        await asyncio.sleep(0)
+        handle.cancel()
+        return at_once, signalled_when_read[0], delivered.is_set()
+
+    assert run_engine(demo, scenario) == (False, False, True)

@@ -127,7 +127,7 @@ class Engine:
             self.max_context,
             self._report_threadsafe,
             reprefill=config.reprefill_queries,
-            run_ahead=config.decode_run_ahead,
+            run_ahead=config.decode_run_ahead and decoder.device.type == "cuda",
         )
         self.sessions: dict[str, Session] = {}
         self._by_slot: dict[int, Session] = {}  # live sessions by ring slot
@@ -754,6 +754,8 @@ class Engine:
                 self.latency.answer.observe(now - handle.admitted_at)
         if report.ring_drained:
             self._ring_space.set()
+        if report.delivered is not None:  # after the handles' readers have run (FIFO)
+            self.loop.call_soon(report.delivered.set)
 
     # ---- helpers ----------------------------------------------------------------------------
     def _check_accepting(self) -> None:

@@ -32,6 +32,12 @@ from livelm.protocol.messages import DoneReply, TokenEvent, Usage
 
 log = logging.getLogger("livelm.worker")
 IDLE_WAIT_S = 0.25
+# how long the worker, with a decode step in flight, waits for the event loop to deliver the
+# tokens it just reported before it launches the next step: without it, the loop (which needs
+# the GIL) would deliver them only once that launch blocks, about half a millisecond later on
+# an H100 host. The step in flight keeps the GPU busy meanwhile.
+HANDOFF_WAIT_S = 0.001
+RELEASE_AFTER_S = 0.0005  # idle: ended queries' blocks are freed after this first wait
 PLACEHOLDER_TOKEN = 0  # stands for a token being drawn on the device while decoding ahead
 # what a step raises when its inputs cannot be computed (device errors, out-of-memory, a token
 # id outside the model's vocabulary, a setting no tensor can hold); it fails the step's
@@ -71,6 +77,8 @@ class StepReport:
     queries: dict[int, QueryUpdate]
     progress: list[Progress]
     ring_drained: bool
+    # set by the event loop once it has delivered the report (when the worker waits for that)
+    delivered: threading.Event | None = None
 
 
 class Worker(threading.Thread):
@@ -92,7 +100,10 @@ class Worker(threading.Thread):
         self.max_context = max_context
         self._report = report
         self._reprefill = reprefill  # baseline mode: queries recompute their whole context
-        self._run_ahead = run_ahead  # decode steps launch before the last one is read back
+        # decode steps launch before the last one is read back (the engine sets it on CUDA
+        # devices: on the CPU a launch computes the step, which would hold each token back)
+        self.run_ahead = run_ahead
+        self.handoff_wait_s = HANDOFF_WAIT_S  # 0: never wait for the loop (see HANDOFF_WAIT_S)
         self.steps_ahead = 0  # decode steps launched before their predecessor was read back
         self.steps = 0  # model steps launched, of any kind
         self.sessions: dict[int, SessionState] = {}
@@ -104,6 +115,10 @@ class Worker(threading.Thread):
         self._updates: dict[int, QueryUpdate] = {}
         self._touched: set[int] = set()
         self._drained = False
+        self._delivered = threading.Event()
+        # finished queries whose KV blocks go back to the pool at the start of the next turn,
+        # so that their last tokens are reported first
+        self._finished: list[QueryState] = []
         self.fatal: BaseException | None = None
         self.turn_started = time.monotonic()  # last progress, read by the supervisor: stuck?
 
@@ -132,6 +147,7 @@ class Worker(threading.Thread):
             self._flush()
 
     def _turn(self) -> None:
+        self._release_finished()
         self._take_commands()
         self._take_records()
         self._start_queries()
@@ -143,13 +159,13 @@ class Worker(threading.Thread):
         sessions = [s for s in self.sessions.values() if s.error is None]
         awaited = {q.slot for q in self.queries.values() if q.phase is Phase.WAITING}
         chunks = self.scheduler.plan(sessions, queries, awaited)
-        if chunks and self._run_ahead and self._answers_only(chunks):
+        if chunks and self.run_ahead and self._answers_only(chunks):
             self._decode_ahead(chunks)
         elif chunks:
             self._step(chunks)
         self._flush()
-        if not chunks:
-            self.ring.wait(IDLE_WAIT_S)
+        if not chunks or self._idle():  # straight to sleep: the loop gets the GIL at once
+            self._sleep()
 
     def _take_commands(self) -> None:
         while True:
@@ -307,7 +323,7 @@ class Worker(threading.Thread):
             if out is not None:
                 live = [ch for ch in chunks if self._live(ch.seq)]
                 self._apply_step(live, _rows_of(out, chunks, live))
-            self._flush()
+            self._flush(handoff=pending_ahead is not None)
             # a step done is progress: decode-ahead can hold one turn for a whole answer, and
             # the supervisor must not take a long answer for a stuck worker
             self.turn_started = time.monotonic()
@@ -325,6 +341,20 @@ class Worker(threading.Thread):
                  or ch.seq.phase is Phase.PREFILL and not ch.seq.capture_logits)
             for ch in chunks
         )
+
+    def _sleep(self) -> None:
+        """Waits for work. Ended queries' blocks are freed after a short first wait, once the
+        loop has had the GIL to deliver their last tokens (or at once if work arrives)."""
+        if self._finished:
+            self.ring.wait(RELEASE_AFTER_S)
+            self._release_finished()
+            if not self._quiet():  # that wait answered a wake: do not sleep through its work
+                return
+        self.ring.wait(IDLE_WAIT_S)
+
+    def _idle(self) -> bool:
+        """Nothing to step until something arrives: no query is computing, nothing waits."""
+        return self._quiet() and all(q.phase is Phase.WAITING for q in self.queries.values())
 
     def _quiet(self) -> bool:
         return (
@@ -504,12 +534,20 @@ class Worker(threading.Thread):
 
     def _drop(self, q: QueryState) -> None:
         q.phase = Phase.DONE
-        self.kv.release(q)
-        for fork in q.scoring:
-            self.kv.release(fork)
-        q.scoring = []
+        self._finished.append(q)
         self._generators.pop(q.query_id, None)
         del self.queries[q.query_id]
+
+    def _release_finished(self) -> None:
+        """The KV blocks of the queries that ended since the last turn. Steps launched since
+        may still read them, but they are queued on the stream before any step that can
+        reuse the blocks."""
+        for q in self._finished:
+            self.kv.release(q)
+            for fork in q.scoring:
+                self.kv.release(fork)
+            q.scoring = []
+        self._finished.clear()
 
     def _fail_all(self, error: LiveLMError) -> None:
         for q in list(self.queries.values()):
@@ -519,7 +557,10 @@ class Worker(threading.Thread):
     def _update(self, q: QueryState) -> QueryUpdate:
         return self._updates.setdefault(q.query_id, QueryUpdate())
 
-    def _flush(self) -> None:
+    def _flush(self, handoff: bool = False) -> None:
+        """Reports the step's tokens and the sessions' progress to the event loop. With
+        ``handoff`` (a step in flight), waits until the loop has delivered the tokens (at most
+        ``handoff_wait_s``)."""
         progress = []
         for slot in self._touched:
             s = self.sessions.get(slot)
@@ -530,9 +571,16 @@ class Worker(threading.Thread):
                 s.reported = now
                 progress.append(Progress(slot, *now))
         self._touched.clear()
-        if self._updates or progress or self._drained:
-            self._report(StepReport(self._updates, progress, self._drained))
-            self._updates, self._drained = {}, False
+        if not (self._updates or progress or self._drained):
+            return
+        wait = handoff and bool(self._updates) and self.handoff_wait_s > 0
+        if wait:
+            self._delivered.clear()
+        delivered = self._delivered if wait else None
+        self._report(StepReport(self._updates, progress, self._drained, delivered))
+        self._updates, self._drained = {}, False
+        if wait:  # releases the GIL: the loop takes it and delivers
+            self._delivered.wait(self.handoff_wait_s)
 
 
 def _rows_of(out: StepOutput, chunks: list[Chunk], live: list[Chunk]) -> StepOutput:
