@@ -69,7 +69,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # before ready, compile every kernel variant a step can meet (on CUDA devices)
     warm_up_kernels: bool = True
     # launch a decode step before the last one's tokens reach the host (its input ids are
-    # copied on the device), so host work overlaps the GPU; off: one step at a time
+    # copied on the device), so host work overlaps the GPU (on CUDA devices); off: one step at
+    # a time
     decode_run_ahead: bool = True
     # at start, move every object alive (the model, compiled kernels, graphs) out of the
     # cyclic collector's reach, so a full collection mid-stream walks only what came later

@@ -115,9 +115,8 @@ class Worker(threading.Thread):
         self._updates: dict[int, QueryUpdate] = {}
         self._touched: set[int] = set()
         self._drained = False
-        self._delivered = threading.Event()
-        # finished queries whose KV blocks go back to the pool at the start of the next turn,
-        # so that their last tokens are reported first
+        # ended queries whose KV blocks go back to the pool once their last tokens are
+        # reported: when the worker goes idle, or at the start of its next turn
         self._finished: list[QueryState] = []
         self.fatal: BaseException | None = None
         self.turn_started = time.monotonic()  # last progress, read by the supervisor: stuck?
@@ -573,14 +572,13 @@ class Worker(threading.Thread):
         self._touched.clear()
         if not (self._updates or progress or self._drained):
             return
+        # a fresh event each time: a late signal for an earlier report must not end this wait
         wait = handoff and bool(self._updates) and self.handoff_wait_s > 0
-        if wait:
-            self._delivered.clear()
-        delivered = self._delivered if wait else None
+        delivered = threading.Event() if wait else None
         self._report(StepReport(self._updates, progress, self._drained, delivered))
         self._updates, self._drained = {}, False
-        if wait:  # releases the GIL: the loop takes it and delivers
-            self._delivered.wait(self.handoff_wait_s)
+        if delivered is not None:  # releases the GIL: the loop takes it and delivers
+            delivered.wait(self.handoff_wait_s)
 
 
 def _rows_of(out: StepOutput, chunks: list[Chunk], live: list[Chunk]) -> StepOutput:
