@@ -48,6 +48,8 @@
 # shapes (GLUON_CONFIGS: BLOCK_M/warps/stages/programs per SM), and the stream bench without
 # baselines or 64 sessions, with the Triton prefill kernel (tma_prefill_policy.yaml) and with
 # the default (Gluon on Hopper since 83531e3), packed graphs off (start-up 25 s shorter).
+# handoff: host_trace.py at 19k (1- and 8-token answers) with the worker and engine carried in
+# .device/ab_new/ and .device/ab_old/, new / old / new, then the stream bench without baselines.
 set -u
 MODE=${1:-quick}
 FINAL=${OUT:-perf/results/session}
@@ -298,6 +300,21 @@ fi
 if [ "$MODE" = record ]; then  # the stream bench with its baselines only (no agent turns)
     step stream_bench 330 python3 perf/stream_bench.py --repeats 8 --push-samples 100 \
         --out "$SCRATCH/stream"
+    echo done
+    exit 0
+fi
+if [ "$MODE" = handoff ]; then  # the worker's report handoff (4934cc6) against the worker before
+    # it, in one process each, new / old / new: the files are carried in .device/ab_{old,new}/
+    # (see perf/NOTES.md, fourteenth session); the new files are restored at the end
+    for v in new old new; do
+        cp .device/ab_$v/worker.py .device/ab_$v/engine.py daemon/engine/
+        for mt in 1 8; do
+            step "host_${v}_mt$mt" 90 python3 perf/host_trace.py --contexts 19000 --questions 20 \
+                --max-tokens $mt --out "$SCRATCH/host_${v}_mt$mt"
+        done
+    done
+    step stream 150 python3 perf/stream_bench.py --skip-hf --skip-stateless --repeats 8 \
+        --push-samples 50 --out "$SCRATCH/stream"
     echo done
     exit 0
 fi

@@ -229,6 +229,7 @@ def main() -> int:
     results = uvloop.run(run(model, config, args, trace))
     if args.out:
         out = Path(args.out) / "host-trace.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(results, indent=2))
         print(f"wrote {out}")
     return 0
