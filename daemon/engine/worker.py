@@ -352,8 +352,10 @@ class Worker(threading.Thread):
         self.ring.wait(IDLE_WAIT_S)
 
     def _idle(self) -> bool:
-        """Nothing to step until something arrives: no query is computing, nothing waits."""
-        return self._quiet() and all(q.phase is Phase.WAITING for q in self.queries.values())
+        """Nothing to do until something arrives: no query at all (one waiting for its
+        session's data may be ready to fork now that a step has ingested it), nothing to
+        ingest, no command."""
+        return not self.queries and self._quiet()
 
     def _quiet(self) -> bool:
         return (
