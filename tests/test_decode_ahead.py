@@ -5,12 +5,14 @@ that end at different steps, by length, stop string, seeded sampling or cancel."
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
 from livelm.daemon.engine.engine import Engine
+from livelm.daemon.engine.worker import QueryUpdate, StepReport
 from livelm.daemon.model.demo import ensure_demo_model
-from livelm.protocol.messages import GenerateRequest, InitRequest
+from livelm.protocol.messages import GenerateRequest, InitRequest, TokenEvent
 from tests.engine_harness import loaded, run_engine
 
 
@@ -106,10 +108,6 @@ def test_the_cpu_steps_singly_even_with_run_ahead_on(demo) -> None:
 def test_the_loop_signals_a_report_delivered_after_its_readers_ran(demo) -> None:
     """The worker, with a step in flight, waits for this signal before its next launch: it
     must come once the handles' readers have run, not before."""
-    import threading
-
-    from livelm.daemon.engine.worker import QueryUpdate, StepReport
-    from livelm.protocol.messages import TokenEvent
 
     async def scenario(engine: Engine) -> tuple[bool, bool, bool]:
         sid = (await engine.init_session(InitRequest(prompt="Prices:", template="raw"))).session_id

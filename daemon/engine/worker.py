@@ -540,9 +540,9 @@ class Worker(threading.Thread):
         del self.queries[q.query_id]
 
     def _release_finished(self) -> None:
-        """The KV blocks of the queries that ended since the last turn. Steps launched since
-        may still read them, but they are queued on the stream before any step that can
-        reuse the blocks."""
+        """The KV blocks of the queries that ended since the last release. Steps launched
+        since may still read them, but they are queued on the stream before any step that
+        can reuse the blocks."""
         for q in self._finished:
             self.kv.release(q)
             for fork in q.scoring:
