@@ -4,6 +4,7 @@ Elsewhere they are left out rather than reported as zero."""
 
 from __future__ import annotations
 
+import functools
 import os
 import resource
 from pathlib import Path
@@ -32,6 +33,7 @@ def process_values() -> dict[str, tuple[str, str, float]]:
     }
 
 
+@functools.cache  # fixed for the process's life: read once, not on every scrape
 def _start_time() -> float:
     """From /proc/self/stat's start time in clock ticks after boot, and the boot time."""
     stat = (_PROC / "stat").read_text()
@@ -41,4 +43,3 @@ def _start_time() -> float:
         if line.startswith("btime ")
     )
     return boot + ticks / os.sysconf("SC_CLK_TCK")
-

@@ -53,14 +53,13 @@ class Progress:
         self.enabled = enabled
         self.done = 0
         self._output = output_for(self.stream)
-        self._tty = self._output is Output.BAR
         self._start = time.monotonic()
         self._last_draw = 0.0
         self._logged_steps = 0
 
     def __enter__(self) -> Progress:
         self._start = time.monotonic()
-        if self._tty:
+        if self._output is Output.BAR:
             self._draw()
         return self
 
@@ -72,7 +71,7 @@ class Progress:
     ) -> None:
         if not self.enabled:
             return
-        if self._tty:
+        if self._output is Output.BAR:
             self._draw()
             self._write("\n" if exc is None else " failed\n")
         elif exc is None and self._logged_steps < _LOG_STEPS:
@@ -82,7 +81,7 @@ class Progress:
         self.done = min(self.total, self.done + n) if self.total else self.done + n
         if not self.enabled:
             return
-        if self._tty:
+        if self._output is Output.BAR:
             now = time.monotonic()
             if now - self._last_draw >= _REDRAW_SECONDS or self.done == self.total:
                 self._draw()

@@ -103,7 +103,6 @@ class Worker(threading.Thread):
         # decode steps launch before the last one is read back (the engine sets it on CUDA
         # devices: on the CPU a launch computes the step, which would hold each token back)
         self.run_ahead = run_ahead
-        self.handoff_wait_s = HANDOFF_WAIT_S  # 0: never wait for the loop (see HANDOFF_WAIT_S)
         self.steps_ahead = 0  # decode steps launched before their predecessor was read back
         self.steps = 0  # model steps launched, of any kind
         self.sessions: dict[int, SessionState] = {}
@@ -561,7 +560,7 @@ class Worker(threading.Thread):
     def _flush(self, handoff: bool = False) -> None:
         """Reports the step's tokens and the sessions' progress to the event loop. With
         ``handoff`` (a step in flight), waits until the loop has delivered the tokens (at most
-        ``handoff_wait_s``)."""
+        ``HANDOFF_WAIT_S``)."""
         progress = []
         for slot in self._touched:
             s = self.sessions.get(slot)
@@ -575,12 +574,11 @@ class Worker(threading.Thread):
         if not (self._updates or progress or self._drained):
             return
         # a fresh event each time: a late signal for an earlier report must not end this wait
-        wait = handoff and bool(self._updates) and self.handoff_wait_s > 0
-        delivered = threading.Event() if wait else None
+        delivered = threading.Event() if handoff and self._updates else None
         self._report(StepReport(self._updates, progress, self._drained, delivered))
         self._updates, self._drained = {}, False
         if delivered is not None:  # releases the GIL: the loop takes it and delivers
-            delivered.wait(self.handoff_wait_s)
+            delivered.wait(HANDOFF_WAIT_S)
 
 
 def _rows_of(out: StepOutput, chunks: list[Chunk], live: list[Chunk]) -> StepOutput:
